@@ -1,0 +1,5 @@
+import sys
+
+from vmkit.cli.main import main
+
+sys.exit(main())

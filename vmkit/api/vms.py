@@ -1,0 +1,165 @@
+"""Routes for /v1/vms: parse, call one service method, return its result."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmkit.api.deps import Services, services, ws_services
+from vmkit.errors import VmkitError
+from vmkit.model.vm import CreateVm, VmInfo
+
+router = APIRouter(prefix="/v1/vms", tags=["vms"])
+Svc = Annotated[Services, Depends(services)]
+
+
+class ShutdownRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    force: bool = False
+
+
+class AutostartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool
+
+
+class ExecRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    argv: Annotated[list[str], Field(min_length=1)]
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    input_b64: str | None = None
+
+
+class ExecResponse(BaseModel):
+    exitcode: int | None
+    signal: int | None
+    stdout_b64: str
+    stderr_b64: str
+
+
+@router.get("")
+async def list_vms(svc: Svc) -> list[VmInfo]:
+    return svc.vms.all()
+
+
+@router.post("", status_code=201)
+async def create_vm(req: CreateVm, svc: Svc) -> VmInfo:
+    return await svc.vms.create(req)
+
+
+@router.get("/{name}")
+async def get_vm(name: str, svc: Svc) -> VmInfo:
+    return svc.vms.get(name)
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_vm(name: str, svc: Svc, keep_disks: bool = False) -> None:
+    await svc.vms.delete(name, keep_disks=keep_disks)
+
+
+@router.post("/{name}/start")
+async def start_vm(name: str, svc: Svc) -> VmInfo:
+    return await svc.vms.start(name)
+
+
+@router.post("/{name}/shutdown")
+async def shutdown_vm(name: str, svc: Svc, req: ShutdownRequest | None = None) -> VmInfo:
+    req = req or ShutdownRequest()
+    return await svc.vms.shutdown(name, timeout_s=req.timeout_s, force=req.force)
+
+
+@router.post("/{name}/destroy")
+async def destroy_vm(name: str, svc: Svc) -> VmInfo:
+    return await svc.vms.destroy(name)
+
+
+@router.post("/{name}/reboot")
+async def reboot_vm(name: str, svc: Svc) -> VmInfo:
+    return await svc.vms.reboot(name)
+
+
+@router.post("/{name}/pause")
+async def pause_vm(name: str, svc: Svc) -> VmInfo:
+    return await svc.vms.pause(name)
+
+
+@router.post("/{name}/resume")
+async def resume_vm(name: str, svc: Svc) -> VmInfo:
+    return await svc.vms.resume(name)
+
+
+@router.put("/{name}/autostart")
+async def autostart_vm(name: str, req: AutostartRequest, svc: Svc) -> VmInfo:
+    return await svc.vms.set_autostart(name, req.enabled)
+
+
+@router.get("/{name}/wait")
+async def wait_vm(
+    name: str,
+    svc: Svc,
+    state: Annotated[str, Query(description="a state word, or 'agent' for guest agent up")] = "running",
+    timeout_s: Annotated[float, Query(gt=0, le=3600)] = 60.0,
+) -> VmInfo:
+    return await svc.vms.wait(name, want=state, timeout_s=timeout_s)
+
+
+@router.post("/{name}/exec")
+async def exec_vm(name: str, req: ExecRequest, svc: Svc) -> ExecResponse:
+    data = base64.b64decode(req.input_b64) if req.input_b64 is not None else None
+    res = await svc.vms.exec(name, req.argv, timeout_s=req.timeout_s, input_data=data)
+    return ExecResponse(
+        exitcode=res.exitcode,
+        signal=res.signal,
+        stdout_b64=base64.b64encode(res.stdout).decode(),
+        stderr_b64=base64.b64encode(res.stderr).decode(),
+    )
+
+
+@router.get("/{name}/log", response_class=Response)
+async def vm_log(name: str, svc: Svc) -> Response:
+    return Response(svc.vms.serial_log(name), media_type="application/octet-stream")
+
+
+@router.websocket("/{name}/console")
+async def vm_console(ws: WebSocket, name: str) -> None:
+    """Binary frames both ways between the client and the VM's serial port."""
+    svc = ws_services(ws)
+    try:
+        cm = svc.vms.console(name)
+        reader, writer = await cm.__aenter__()
+    except VmkitError as e:
+        await ws.close(code=4000 + e.status, reason=e.message[:120])
+        return
+    await ws.accept()
+
+    async def to_client() -> None:
+        while data := await reader.read(65536):
+            await ws.send_bytes(data)
+
+    async def to_guest() -> None:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            data = msg.get("bytes") or (msg.get("text") or "").encode()
+            writer.write(data)
+            await writer.drain()
+
+    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_guest())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(Exception):
+            await ws.close()
+        await cm.__aexit__(None, None, None)

@@ -1,0 +1,376 @@
+"""The `vmkit` command: noun-verb subcommands talking to the daemon over HTTP.
+
+Only the standard library is imported at start-up; the server stack (FastAPI, uvicorn, pydantic) is
+imported by `vmkit daemon` alone, so `vmkit vm list` starts in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from vmkit.cli.client import ApiError, Client
+from vmkit.cli.output import ProgressBar, kv, print_json, print_table
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class CliError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1.5GiB', '1048576' → bytes (binary units, as qemu-img uses)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise CliError(f"invalid size {text!r} (examples: 512M, 10G)")
+    unit = (m.group(2) or "").upper()[:1]
+    size = int(float(m.group(1)) * _UNITS[unit if unit != "B" else "B"])
+    if size <= 0:
+        raise CliError(f"size must be positive: {text!r}")
+    return size
+
+
+def _vm_url(name: str, action: str = "") -> str:
+    return f"/v1/vms/{quote(name, safe='')}" + (f"/{action}" if action else "")
+
+
+# ----- vm ---------------------------------------------------------------------------------------
+def _show_vm(vm: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(vm)
+        return
+    kv(
+        [
+            ("Name", vm["name"]),
+            ("UUID", vm["uuid"]),
+            ("State", vm["state"] + (f" ({vm['reason']})" if vm.get("reason") else "")),
+            ("Memory", f"{vm['memory_mib']} MiB"),
+            ("vCPUs", vm["vcpus"]),
+            ("Image", vm.get("image")),
+            ("Autostart", "on" if vm["autostart"] else "off"),
+            ("PID", vm.get("pid")),
+            ("Guest agent", "connected" if vm.get("agent") else "not connected"),
+            ("Disks", ", ".join(f"{d['path']} ({d['format']})" for d in vm.get("disks", []))),
+            ("NICs", ", ".join(f"{n['kind']} {n['mac']}" for n in vm.get("nics", []))),
+            ("Kernel", vm.get("kernel")),
+            ("Cmdline", vm.get("cmdline")),
+        ]
+    )
+
+
+def vm_list(c: Client, a: argparse.Namespace) -> int:
+    vms = c.get("/v1/vms")
+    if a.json:
+        print_json(vms)
+    else:
+        print_table(
+            ["name", "state", "vcpus", "memory", "image", "autostart"],
+            [
+                [v["name"], v["state"], v["vcpus"], f"{v['memory_mib']} MiB", v.get("image") or "-",
+                 "on" if v["autostart"] else "off"]
+                for v in vms
+            ],
+        )  # fmt: skip
+    return 0
+
+
+def vm_info(c: Client, a: argparse.Namespace) -> int:
+    _show_vm(c.get(_vm_url(a.name)), a.json)
+    return 0
+
+
+def vm_create(c: Client, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": a.name, "autostart": a.autostart, "nic": not a.no_nic}
+    if a.memory is not None:
+        body["memory_mib"] = a.memory
+    if a.vcpus is not None:
+        body["vcpus"] = a.vcpus
+    for key in ("image", "cmdline"):
+        if getattr(a, key) is not None:
+            body[key] = getattr(a, key)
+    for key in ("kernel", "initrd"):
+        if getattr(a, key) is not None:
+            body[key] = os.path.abspath(getattr(a, key))
+    if a.disk is not None:
+        body["disk_size_bytes"] = parse_size(a.disk)
+    vm = c.post("/v1/vms", body)
+    if a.start:
+        vm = c.post(_vm_url(a.name, "start"))
+    if a.json:
+        print_json(vm)
+    else:
+        print(f"VM {vm['name']} created" + (" and started" if a.start else ""))
+    return 0
+
+
+def _simple_action(action: str, done: str) -> Callable[[Client, argparse.Namespace], int]:
+    def cmd(c: Client, a: argparse.Namespace) -> int:
+        vm = c.post(_vm_url(a.name, action))
+        if a.json:
+            print_json(vm)
+        else:
+            print(f"VM {a.name} {done}")
+        return 0
+
+    return cmd
+
+
+def vm_shutdown(c: Client, a: argparse.Namespace) -> int:
+    vm = c.post(_vm_url(a.name, "shutdown"), {"timeout_s": a.timeout, "force": a.force})
+    if a.json:
+        print_json(vm)
+    else:
+        print(f"VM {a.name} is {vm['state']}")
+    return 0
+
+
+def vm_stop(c: Client, a: argparse.Namespace) -> int:
+    if a.force:
+        vm = c.post(_vm_url(a.name, "destroy"))
+    else:
+        vm = c.post(_vm_url(a.name, "shutdown"), {"timeout_s": a.timeout, "force": False})
+    if a.json:
+        print_json(vm)
+    else:
+        print(f"VM {a.name} is {vm['state']}")
+    return 0
+
+
+def vm_delete(c: Client, a: argparse.Namespace) -> int:
+    c.request("DELETE", _vm_url(a.name) + ("?keep_disks=true" if a.keep_disks else ""))
+    if a.json:
+        print_json({"deleted": a.name})
+    else:
+        print(f"VM {a.name} deleted")
+    return 0
+
+
+def vm_autostart(c: Client, a: argparse.Namespace) -> int:
+    vm = c.request("PUT", _vm_url(a.name, "autostart"), {"enabled": a.value == "on"})
+    if a.json:
+        print_json(vm)
+    else:
+        print(f"autostart of {a.name} is {a.value}")
+    return 0
+
+
+def vm_wait(c: Client, a: argparse.Namespace) -> int:
+    vm = c.get(_vm_url(a.name, "wait") + f"?state={quote(a.state)}&timeout_s={a.timeout}")
+    if a.json:
+        print_json(vm)
+    else:
+        print(f"VM {a.name} is {vm['state']}" + (", guest agent connected" if vm.get("agent") else ""))
+    return 0
+
+
+def vm_log(c: Client, a: argparse.Namespace) -> int:
+    data = c.get(_vm_url(a.name, "log"), raw=True)
+    if a.json:
+        print_json({"name": a.name, "log": data.decode(errors="replace")})
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return 0
+
+
+def vm_exec(c: Client, a: argparse.Namespace) -> int:
+    argv = a.command[1:] if a.command and a.command[0] == "--" else a.command
+    if not argv:
+        raise CliError("no command given: vmkit vm exec NAME -- CMD [ARGS...]")
+    body: dict[str, Any] = {"argv": argv, "timeout_s": a.timeout}
+    if not sys.stdin.isatty() and a.stdin:
+        body["input_b64"] = base64.b64encode(sys.stdin.buffer.read()).decode()
+    res = c.post(_vm_url(a.name, "exec"), body)
+    out, err = base64.b64decode(res["stdout_b64"]), base64.b64decode(res["stderr_b64"])
+    if a.json:
+        print_json(
+            {"exitcode": res["exitcode"], "signal": res["signal"], "stdout": out.decode(errors="replace"),
+             "stderr": err.decode(errors="replace")}
+        )  # fmt: skip
+    else:
+        sys.stdout.buffer.write(out)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(err)
+        sys.stderr.flush()
+    if res["exitcode"] is None:
+        return 128 + (res["signal"] or 0)
+    return int(res["exitcode"])
+
+
+def vm_console(c: Client, a: argparse.Namespace) -> int:
+    from vmkit.cli.console import attach
+
+    return attach(c.path, a.name)
+
+
+# ----- image, host, daemon ----------------------------------------------------------------------
+def image_list(c: Client, a: argparse.Namespace) -> int:
+    imgs = c.get("/v1/images")
+    if a.json:
+        print_json(imgs)
+    else:
+        print_table(
+            ["name", "kind", "kernel version"],
+            [[i["name"], i["kind"], i.get("kernel_version")] for i in imgs],
+        )
+    return 0
+
+
+def wait_operation(c: Client, op: dict[str, Any], label: str, quiet: bool) -> dict[str, Any]:
+    bar = None if quiet else ProgressBar(label)
+    while op["status"] == "running":
+        if bar:
+            bar.update(op["progress"], op["message"])
+        op = c.get(f"/v1/operations/{op['id']}?wait_s=0.5")
+    if bar:
+        bar.update(op["progress"], op["message"] if op["status"] == "success" else "failed")
+        bar.done()
+    if op["status"] != "success":
+        raise CliError(f"{label} failed: {op['error']}")
+    return op
+
+
+def image_demo(c: Client, a: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    res = c.post("/v1/images/demo")
+    if "operation" in res:
+        image = wait_operation(c, res["operation"], "building demo guest", a.json)["result"]
+    else:
+        image = res["image"]
+    if a.json:
+        print_json(image)
+    else:
+        print(f"image {image['name']} ready (kernel {image['kernel_version']}) in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def host_check(c: Client, a: argparse.Namespace) -> int:
+    from vmkit.host.check import host_check as check
+
+    report = check().to_dict()
+    if a.json:
+        print_json(report)
+        return 0
+    print(f"QEMU:        {report['qemu_path'] or 'not found'} {report['qemu_version'] or ''}")
+    for name, acc in report["accelerators"].items():
+        word = "usable" if acc["usable"] else "present, NOT usable" if acc["present"] else "not available"
+        print(f"{name + ':':<12} {word} — {acc['detail']}")
+    print(f"accelerator: {report['accelerator'] or 'none'}")
+    for chk in report["checks"]:
+        print(f"{chk['name'] + ':':<12} {'ok' if chk['ok'] else 'MISSING'} — {chk['detail']}")
+    return 0 if report["accelerator"] else 1
+
+
+def daemon(c: Client, a: argparse.Namespace) -> int:
+    from vmkit.daemon import main as daemon_main
+
+    daemon_main(a.state_dir, a.run_dir, a.socket_path, a.verbose)
+    return 0
+
+
+# ----- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmkit", description="Manage QEMU/KVM virtual machines.")
+    p.add_argument("--socket", dest="api_socket", help="daemon socket (env VMKIT_SOCKET)")
+    nouns = p.add_subparsers(dest="noun", required=True, metavar="COMMAND")
+
+    def add(sub: Any, name: str, fn: Callable[..., int], help_: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    vm = nouns.add_parser("vm", help="virtual machines").add_subparsers(dest="verb", required=True, metavar="VERB")
+    sp = add(vm, "create", vm_create, "define a new VM")
+    sp.add_argument("name")
+    sp.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (default 512)")
+    sp.add_argument("--vcpus", type=int, metavar="N", help="virtual CPUs (default 1)")
+    sp.add_argument("--image", help="boot from a registered image (e.g. demo)")
+    sp.add_argument("--kernel", metavar="FILE", help="direct kernel boot")
+    sp.add_argument("--initrd", metavar="FILE")
+    sp.add_argument("--cmdline", metavar="STRING", help="kernel command line")
+    sp.add_argument("--disk", metavar="SIZE", help="disk size, e.g. 10G (qcow2, thin)")
+    sp.add_argument("--no-nic", action="store_true", help="no network card")
+    sp.add_argument("--autostart", action="store_true", help="start when the host boots")
+    sp.add_argument("--start", action="store_true", help="start it right away")
+    sp = add(vm, "list", vm_list, "list VMs")
+    for verb, fn, help_ in (
+        ("info", vm_info, "show one VM"),
+        ("start", _simple_action("start", "started"), "start a VM"),
+        ("reboot", _simple_action("reboot", "is rebooting"), "reboot a VM (ACPI)"),
+        ("pause", _simple_action("pause", "paused"), "pause a VM's vCPUs"),
+        ("resume", _simple_action("resume", "resumed"), "resume a paused VM"),
+        ("destroy", _simple_action("destroy", "destroyed"), "hard stop (same as stop --force)"),
+    ):
+        add(vm, verb, fn, help_).add_argument("name")
+    sp = add(vm, "shutdown", vm_shutdown, "power off through ACPI and wait")
+    sp.add_argument("name")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
+    sp.add_argument("--force", action="store_true", help="stop hard if the guest does not power off in time")
+    sp = add(vm, "stop", vm_stop, "stop a VM: clean ACPI shutdown, or hard stop with --force")
+    sp.add_argument("name")
+    sp.add_argument("--force", action="store_true", help="hard stop at once (pull the plug)")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    sp = add(vm, "delete", vm_delete, "delete a stopped VM and its disks")
+    sp.add_argument("name")
+    sp.add_argument("--keep-disks", action="store_true", help="keep disk files (moved to STATE/kept-disks)")
+    sp = add(vm, "autostart", vm_autostart, "start the VM when the host boots")
+    sp.add_argument("name")
+    sp.add_argument("value", choices=["on", "off"])
+    sp = add(vm, "wait", vm_wait, "wait for a state word, or 'agent' for the guest agent")
+    sp.add_argument("name")
+    sp.add_argument("--for", dest="state", default="running", metavar="STATE")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    sp = add(vm, "log", vm_log, "print the serial console output so far")
+    sp.add_argument("name")
+    sp = add(vm, "console", vm_console, "attach to the serial console (Ctrl-] leaves)", json_flag=False)
+    sp.add_argument("name")
+    sp = add(vm, "exec", vm_exec, "run a command in the guest through its agent")
+    sp.add_argument("name")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="S")
+    sp.add_argument("--stdin", action="store_true", help="send standard input to the command")
+    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    image = nouns.add_parser("image", help="images VMs boot from").add_subparsers(dest="verb", required=True)
+    add(image, "list", image_list, "list images")
+    add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
+
+    host = nouns.add_parser("host", help="this host").add_subparsers(dest="verb", required=True)
+    add(host, "check", host_check, "check virtualization support (like virt-host-validate)")
+
+    sp = nouns.add_parser("daemon", help="run the vmkit daemon in the foreground")
+    sp.set_defaults(fn=daemon)
+    sp.add_argument("--state-dir", help="default /var/lib/vmkit (env VMKIT_STATE_DIR)")
+    sp.add_argument("--run-dir", help="default /run/vmkit (env VMKIT_RUN_DIR)")
+    sp.add_argument("--socket", dest="socket_path", help="default RUN_DIR/vmkit.sock (env VMKIT_SOCKET)")
+    sp.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    client = Client(args.api_socket)
+    try:
+        return int(args.fn(client, args))
+    except ApiError as e:
+        sys.stderr.write(f"vmkit: error: {e.message}\n")
+        return 1
+    except CliError as e:
+        sys.stderr.write(f"vmkit: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h).upper() for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    sys.stdout.write(table(headers, rows))
+
+
+def kv(pairs: Sequence[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in pairs)
+    for k, v in pairs:
+        sys.stdout.write(f"{k + ':':<{width + 1}} {'-' if v is None or v == '' else v}\n")
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tty = sys.stderr.isatty()
+        self._last = ""
+
+    def update(self, fraction: float, message: str = "") -> None:
+        if not self.tty:
+            if message and message != self._last:
+                sys.stderr.write(f"{self.label}: {int(fraction * 100):3d}% {message}\n")
+                self._last = message
+            return
+        width = 30
+        filled = int(width * max(0.0, min(1.0, fraction)))
+        line = f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {int(fraction * 100):3d}% {message[:40]}"
+        sys.stderr.write(line.ljust(len(self._last)))
+        self._last = line
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty and self._last:
+            sys.stderr.write("\n")

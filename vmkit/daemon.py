@@ -1,0 +1,127 @@
+"""`vmkit daemon`: wire the layers together and serve the API on a UNIX socket.
+
+The daemon never owns VM lifetimes: stopping it (or killing it) leaves every QEMU running, and the next
+start re-attaches. One daemon per state dir, enforced by a lock file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import grp
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("vmkit")
+
+DEFAULT_STATE_DIR = "/var/lib/vmkit"
+DEFAULT_RUN_DIR = "/run/vmkit"
+DEFAULT_CACHE_DIR = "/var/cache/vmkit"
+SOCKET_GROUP = "vmkit"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    run_dir: Path
+    socket: Path
+    cache_dir: Path
+
+    @classmethod
+    def from_env(cls, state_dir: str | None, run_dir: str | None, sock: str | None) -> DaemonConfig:
+        run = Path(run_dir or os.environ.get("VMKIT_RUN_DIR", DEFAULT_RUN_DIR))
+        return cls(
+            state_dir=Path(state_dir or os.environ.get("VMKIT_STATE_DIR", DEFAULT_STATE_DIR)),
+            run_dir=run,
+            socket=Path(sock or os.environ.get("VMKIT_SOCKET", str(run / "vmkit.sock"))),
+            cache_dir=Path(os.environ.get("VMKIT_CACHE_DIR", DEFAULT_CACHE_DIR)),
+        )
+
+
+def _bind_api_socket(path: Path) -> socket.socket:
+    """Root-only socket (0660, group `vmkit` when that group exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    with contextlib.suppress(KeyError, PermissionError):
+        os.chown(path, 0, grp.getgrnam(SOCKET_GROUP).gr_gid)
+    sock.listen(128)
+    return sock
+
+
+async def serve(cfg: DaemonConfig) -> None:
+    import uvicorn
+
+    from vmkit.api.app import create_app
+    from vmkit.api.deps import Services
+    from vmkit.host.check import host_check
+    from vmkit.qemu.argv import HostConfig
+    from vmkit.services.events import EventBus
+    from vmkit.services.images import ImageService
+    from vmkit.services.operations import Operations
+    from vmkit.services.vms import VmService
+    from vmkit.store.db import Store
+
+    for d in (cfg.state_dir, cfg.run_dir):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = open(cfg.state_dir / "daemon.lock", "w")  # noqa: SIM115 - held for the daemon's lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"vmkit: another daemon already uses {cfg.state_dir}") from None
+
+    report = await asyncio.to_thread(host_check)
+    if report.accelerator is None or report.qemu_path is None:
+        raise SystemExit("vmkit: no usable QEMU accelerator; run `vmkit host check`")
+    if report.accelerator == "tcg":
+        log.warning(
+            "KVM is not usable here (%s); guests run under TCG emulation",
+            report.accelerators["kvm"]["detail"],
+        )
+    host = HostConfig(qemu_binary=report.qemu_path, accelerator=report.accelerator)
+
+    store = Store(cfg.state_dir / "vmkit.db")
+    bus = EventBus()
+    images = ImageService(store=store, state_dir=cfg.state_dir, cache_dir=cfg.cache_dir)
+    vms = VmService(
+        store=store,
+        bus=bus,
+        host=host,
+        state_dir=cfg.state_dir,
+        run_dir=cfg.run_dir,
+        image_lookup=images.lookup,
+    )
+    await vms.load()
+    svc = Services(vms=vms, images=images, ops=Operations(bus), bus=bus, host=host, host_report=report.to_dict())
+    app = create_app(svc)
+    sock = _bind_api_socket(cfg.socket)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    autostart = asyncio.create_task(vms.autostart(cfg.run_dir / "autostart.done"))
+    log.info("vmkit daemon listening on %s (state %s)", cfg.socket, cfg.state_dir)
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        autostart.cancel()
+        await vms.close()
+        store.close()
+        with contextlib.suppress(FileNotFoundError):
+            cfg.socket.unlink()
+
+
+def main(state_dir: str | None, run_dir: str | None, sock: str | None, verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    asyncio.run(serve(DaemonConfig.from_env(state_dir, run_dir, sock)))

@@ -1,0 +1,167 @@
+"""Host capability check, in the spirit of virt-host-validate.
+
+KVM counts as usable only when the CPU advertises vmx/svm *and* a probe VM runs: some hosts expose a
+/dev/kvm that opens but cannot run ordinary guests (e.g. a paravirtual KVM), and trusting the device node
+alone gives guests that abort or crawl. This module imports nothing heavy: the CLI runs it in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmkit.errors import CommandFailed
+from vmkit.util.proc import run
+
+QEMU_CANDIDATES = ("qemu-system-x86_64", "/usr/libexec/qemu-kvm")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class HostReport:
+    qemu_path: str | None
+    qemu_version: str | None
+    accelerators: dict[str, dict[str, Any]]
+    accelerator: str | None
+    checks: list[Check] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_qemu() -> str | None:
+    for cand in QEMU_CANDIDATES:
+        path = shutil.which(cand)
+        if path:
+            return path
+    return None
+
+
+def cpu_virt_flags(cpuinfo: str) -> set[str]:
+    """The hardware-virtualization flags (vmx, svm) listed in /proc/cpuinfo text."""
+    found: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            found |= {f for f in line.split(":", 1)[1].split() if f in ("vmx", "svm")}
+    return found
+
+
+def _probe_kvm(qemu: str) -> tuple[bool, str]:
+    """Start a throwaway VM under KVM with the host CPU model and run it briefly."""
+    argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35,accel=kvm",
+            "-cpu", "host", "-m", "32", "-qmp", "stdio", "-S"]  # fmt: skip
+    script = '{"execute":"qmp_capabilities"}\n{"execute":"cont"}\n{"execute":"query-status"}\n{"execute":"quit"}\n'
+    try:
+        res = run(argv, check=False, input_text=script, timeout_s=20)
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable", with the reason shown
+        return False, f"probe failed: {e}"
+    if res.returncode != 0 or '"running"' not in res.stdout:
+        err = (res.stderr.strip().splitlines() or ["probe VM did not run"])[-1]
+        return False, f"probe VM failed: {err}"
+    return True, "probe VM ran"
+
+
+def check_kvm(qemu: str | None, cpuinfo: str) -> dict[str, Any]:
+    present = os.path.exists("/dev/kvm")
+    info: dict[str, Any] = {"present": present, "usable": False}
+    if not present:
+        info["detail"] = "/dev/kvm does not exist (kvm module not loaded or no hardware support)"
+        return info
+    flags = cpu_virt_flags(cpuinfo)
+    if not flags:
+        info["detail"] = (
+            "/dev/kvm is present but the CPU advertises neither vmx nor svm (paravirtual or nested KVM "
+            "without hardware virtualization): ordinary guests cannot run on it"
+        )
+        return info
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        info["detail"] = "/dev/kvm is not accessible by this user"
+        return info
+    if qemu is None:
+        info["detail"] = "QEMU not found, cannot probe"
+        return info
+    ok, detail = _probe_kvm(qemu)
+    info.update(usable=ok, detail=f"CPU flags {','.join(sorted(flags))}; {detail}")
+    return info
+
+
+def check_tcg(qemu: str | None) -> dict[str, Any]:
+    if qemu is None:
+        return {"present": False, "usable": False, "detail": "QEMU not found"}
+    res = run([qemu, "-accel", "help"], check=False, timeout_s=20)
+    ok = res.ok and re.search(r"^tcg$", res.stdout, re.M) is not None
+    return {"present": ok, "usable": ok, "detail": "software emulation (slow)" if ok else "not built in"}
+
+
+def _cgroups() -> Check:
+    try:
+        mounts = Path("/proc/self/mounts").read_text()
+    except OSError:
+        return Check("cgroups", False, "cannot read /proc/self/mounts")
+    v2 = any(line.split()[2] == "cgroup2" for line in mounts.splitlines() if len(line.split()) > 2)
+    v1 = any(line.split()[2] == "cgroup" for line in mounts.splitlines() if len(line.split()) > 2)
+    kind = "hybrid (v1 and v2)" if v1 and v2 else "v2" if v2 else "v1" if v1 else "none"
+    return Check("cgroups", v1 or v2, f"cgroup hierarchy: {kind}")
+
+
+def _seccomp() -> Check:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return Check("seccomp", False, "cannot read /proc/self/status")
+    ok = "Seccomp:" in status
+    return Check("seccomp", ok, "kernel supports seccomp (QEMU -sandbox)" if ok else "kernel lacks seccomp")
+
+
+def _nftables() -> Check:
+    nft = shutil.which("nft")
+    if not nft:
+        return Check("nftables", False, "nft not installed (needed for NAT networks)")
+    res = run([nft, "--version"], check=False, timeout_s=10)
+    return Check("nftables", res.ok, res.stdout.strip() or res.stderr.strip())
+
+
+def _kernel_module(name: str, sysfs: str, what: str) -> Check:
+    ok = Path(sysfs).exists() or Path(f"/sys/module/{name}").exists()
+    if not ok:
+        # Not loaded yet; a dry-run modprobe tells whether it could be.
+        try:
+            ok = run(["modprobe", "-n", name], check=False, timeout_s=10).ok
+        except CommandFailed:
+            ok = False
+    return Check(name, ok, f"{what} {'available' if ok else 'missing'}")
+
+
+def host_check() -> HostReport:
+    qemu = find_qemu()
+    version = None
+    if qemu:
+        res = run([qemu, "--version"], check=False, timeout_s=20)
+        m = re.search(r"version (\S+)", res.stdout)
+        version = m.group(1) if m else None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    accels = {"kvm": check_kvm(qemu, cpuinfo), "tcg": check_tcg(qemu)}
+    chosen = "kvm" if accels["kvm"]["usable"] else "tcg" if accels["tcg"]["usable"] else None
+    checks = [
+        Check("qemu", qemu is not None, f"{qemu} {version}" if qemu else "qemu-system-x86_64 not found"),
+        Check("tun", os.path.exists("/dev/net/tun"), "/dev/net/tun (tap NICs)"),
+        _kernel_module("bridge", "/sys/class/net/bridge", "Linux bridge"),
+        _nftables(),
+        _cgroups(),
+        _seccomp(),
+        Check("vhost-net", os.path.exists("/dev/vhost-net"), "/dev/vhost-net (faster virtio-net)"),
+    ]
+    return HostReport(qemu, version, accels, chosen, checks)

@@ -1,0 +1,115 @@
+"""Launching QEMU so that it outlives the daemon, and finding it again afterwards.
+
+QEMU runs in its own session (setsid): a signal to the daemon's process group never reaches it, and if the
+daemon dies it is re-parented, not killed. The pid file holds "PID STARTTIME" (STARTTIME from
+/proc/PID/stat), so a recycled pid is never mistaken for our QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmkit.qemu.argv import RuntimePaths
+
+
+@dataclass(frozen=True)
+class QemuProcess:
+    pid: int
+    start_time: int  # clock ticks since boot, field 22 of /proc/PID/stat
+
+
+def proc_start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def alive(proc: QemuProcess) -> bool:
+    start = proc_start_time(proc.pid)
+    if start != proc.start_time:
+        return False
+    # A zombie has exited; only its parent's wait() is missing.
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return False
+
+
+def listen_unix(path: Path) -> socket.socket:
+    """Bind and listen on a fresh UNIX socket at path (mode 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return sock
+
+
+def spawn(argv: list[str], paths: RuntimePaths, qmp_sock: socket.socket) -> tuple[QemuProcess, subprocess.Popen[bytes]]:
+    """Start QEMU detached from the daemon. Records argv and pid in the runtime dir."""
+    paths.argv_file.write_text(json.dumps(argv))
+    with open(paths.qemu_log, "ab") as log:
+        popen = subprocess.Popen(  # noqa: S603 - argv list built by qemu_argv, no shell
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=[qmp_sock.fileno()],
+            start_new_session=True,
+            close_fds=True,
+        )
+    start = proc_start_time(popen.pid)
+    proc = QemuProcess(popen.pid, start if start is not None else -1)
+    write_pid(paths, proc)
+    return proc, popen
+
+
+def write_pid(paths: RuntimePaths, proc: QemuProcess) -> None:
+    tmp = paths.pid_file.with_suffix(".tmp")
+    tmp.write_text(f"{proc.pid} {proc.start_time}\n")
+    tmp.replace(paths.pid_file)
+
+
+def read_pid(paths: RuntimePaths) -> QemuProcess | None:
+    try:
+        pid_s, start_s = paths.pid_file.read_text().split()
+        return QemuProcess(int(pid_s), int(start_s))
+    except (OSError, ValueError):
+        return None
+
+
+def kill(proc: QemuProcess) -> None:
+    """SIGKILL proc if it is still the QEMU we started."""
+    if alive(proc):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+
+
+def pidfd(proc: QemuProcess) -> int | None:
+    """A pidfd for proc (readable once it exits), or None if it is already gone.
+
+    Opened before re-checking the start time, so the fd refers to our QEMU and not to a recycled pid.
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return None
+    if not alive(proc):
+        os.close(fd)
+        return None
+    return fd

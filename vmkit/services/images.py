@@ -1,0 +1,79 @@
+"""Images VMs boot from. For now: the demo guest (kernel + initramfs + base disk) built from Debian packages.
+
+A registered image's files are copied into the state dir, so removing the shared build cache never breaks
+a VM. Registration is the last step (after the files are complete), so a crash leaves at most a stray
+directory that the next build overwrites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vmkit.errors import NotFound
+from vmkit.model.vm import check_name
+from vmkit.services.operations import Progress
+from vmkit.store.db import Store
+
+DEMO = "demo"
+
+
+class ImageService:
+    def __init__(self, *, store: Store, state_dir: Path, cache_dir: Path) -> None:
+        self._store = store
+        self._dir = state_dir / "images"
+        self._cache_dir = cache_dir
+        self._lock = asyncio.Lock()
+
+    def list(self) -> list[dict[str, Any]]:
+        return [{"name": n, **d} for n, d in self._store.images().items()]
+
+    def get(self, name: str) -> dict[str, Any]:
+        img = self._store.image(name)
+        if img is None:
+            raise NotFound(f"no image named {name!r}")
+        return {"name": name, **img}
+
+    def lookup(self, name: str) -> dict[str, Any] | None:
+        return self._store.image(check_name(name, "image")) if name else None
+
+    def demo_ready(self) -> dict[str, Any] | None:
+        """The registered demo image if its files are all still there (then no build is needed)."""
+        img = self._store.image(DEMO)
+        if img and all(Path(img[k]).is_file() for k in ("kernel", "initrd", "disk")):
+            return {"name": DEMO, **img}
+        return None
+
+    async def build_demo(self, progress: Progress) -> dict[str, Any]:
+        async with self._lock:
+            ready = self.demo_ready()
+            if ready:
+                return ready
+            from vmkit.images.demo import build_demo  # heavy-ish; only needed here
+
+            built = await asyncio.to_thread(build_demo, self._cache_dir, progress=progress)
+            progress(0.95, "registering image")
+            dest = self._dir / DEMO / built.kernel_version
+            await asyncio.to_thread(_copy_files, dest, [built.kernel, built.initrd, built.disk])
+            data = {
+                "kind": "kernel+initrd",
+                "kernel": str(dest / built.kernel.name),
+                "initrd": str(dest / built.initrd.name),
+                "disk": str(dest / built.disk.name),
+                "cmdline": built.cmdline,
+                "kernel_version": built.kernel_version,
+            }
+            self._store.put_image(DEMO, data)
+            return {"name": DEMO, **data}
+
+
+def _copy_files(dest: Path, files: list[Path]) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, mode=0o755)
+    for f in files:
+        shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)

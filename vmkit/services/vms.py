@@ -1,0 +1,629 @@
+"""VM lifecycle: create, start, stop, pause, reboot, delete; re-attach on daemon start; watch QEMU.
+
+Who decides a VM's state: QEMU does, while it runs (QMP events and query-status); the process's exit does
+when it ends (pidfd); the store only remembers the last state so that a VM whose QEMU vanished while the
+daemon was away can be reported as crashed rather than shut off.
+
+All methods run on the daemon's event loop. A per-VM lock serialises commands on one VM; QMP events and
+process exits update state without taking it (they only record facts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmkit.errors import Conflict, InvalidInput, NotFound, Timeout, VmkitError
+from vmkit.model.vm import CreateVm, DiskSpec, NicSpec, VmInfo, VmSpec, VmState
+from vmkit.qemu import monitor as qmp
+from vmkit.qemu import process
+from vmkit.qemu.agent import Agent, ExecResult
+from vmkit.qemu.argv import HostConfig, RuntimePaths, qemu_argv
+from vmkit.services.events import EventBus
+from vmkit.services.reverter import Reverter
+from vmkit.store.db import Store
+from vmkit.util.proc import run
+
+log = logging.getLogger(__name__)
+
+# QEMU run states (query-status) and what virsh calls them.
+_QEMU_STATES = {
+    "running": VmState.RUNNING,
+    "paused": VmState.PAUSED,
+    "debug": VmState.PAUSED,
+    "inmigrate": VmState.PAUSED,
+    "postmigrate": VmState.PAUSED,
+    "finish-migrate": VmState.PAUSED,
+    "restore-vm": VmState.PAUSED,
+    "save-vm": VmState.PAUSED,
+    "prelaunch": VmState.PAUSED,
+    "io-error": VmState.PAUSED,
+    "watchdog": VmState.PAUSED,
+    "colo": VmState.PAUSED,
+    "suspended": VmState.PMSUSPENDED,
+    "shutdown": VmState.SHUTDOWN,
+    "internal-error": VmState.CRASHED,
+    "guest-panicked": VmState.CRASHED,
+}
+
+
+class QmpFailed(VmkitError):
+    status = 502
+
+
+@dataclass
+class VmRuntime:
+    """In-memory state of one defined VM."""
+
+    spec: VmSpec
+    autostart: bool
+    state: VmState
+    reason: str | None
+    paths: RuntimePaths
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    agent_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    proc: process.QemuProcess | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    monitor: qmp.Monitor | None = None
+    pidfd: int | None = None
+    agent: bool = False
+    # Facts gathered while QEMU runs, read when it exits to name the reason.
+    shutdown_reason: str | None = None
+    quit_requested: bool = False
+    reboot_pending: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    console_busy: bool = False
+
+    def info(self) -> VmInfo:
+        s = self.spec
+        return VmInfo(
+            name=s.name,
+            uuid=s.uuid,
+            state=self.state,
+            reason=self.reason,
+            memory_mib=s.memory_mib,
+            vcpus=s.vcpus,
+            image=s.image,
+            autostart=self.autostart,
+            pid=self.proc.pid if self.proc and self.state.active else None,
+            agent=self.agent,
+            disks=s.disks,
+            nics=s.nics,
+            kernel=s.kernel,
+            initrd=s.initrd,
+            cmdline=s.cmdline,
+            runtime_dir=str(self.paths.run_dir) if self.state.active else None,
+        )
+
+
+def _host_memory_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _mac() -> str:
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+class VmService:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        bus: EventBus,
+        host: HostConfig,
+        state_dir: Path,
+        run_dir: Path,
+        image_lookup: Callable[[str], dict[str, Any] | None],
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._host = host
+        self._vm_dir = state_dir / "vms"
+        self._run_dir = run_dir / "vms"
+        self._image_lookup = image_lookup
+        self._vms: dict[str, VmRuntime] = {}
+        self._create_lock = asyncio.Lock()
+        self._vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # ----- queries -------------------------------------------------------------------------------
+    def _get(self, name: str) -> VmRuntime:
+        try:
+            return self._vms[name]
+        except KeyError:
+            raise NotFound(f"no VM named {name!r}") from None
+
+    def all(self) -> list[VmInfo]:
+        return [vm.info() for vm in sorted(self._vms.values(), key=lambda v: v.spec.name)]
+
+    def get(self, name: str) -> VmInfo:
+        return self._get(name).info()
+
+    def paths(self, name: str) -> RuntimePaths:
+        return RuntimePaths(self._run_dir / name, self._vm_dir / name)
+
+    # ----- state bookkeeping ---------------------------------------------------------------------
+    def _set_state(self, vm: VmRuntime, state: VmState, reason: str | None = None) -> None:
+        if (vm.state, vm.reason) == (state, reason):
+            return
+        vm.state, vm.reason = state, reason
+        self._store.set_vm_state(vm.spec.name, state, reason)
+        self._bus.publish("vm-state", vm=vm.spec.name, state=str(state), reason=reason)
+        vm.changed.set()
+        vm.changed = asyncio.Event()
+
+    async def _wait_state(self, vm: VmRuntime, ok: Callable[[VmState], bool], timeout_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not ok(vm.state):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(vm.changed.wait(), remaining)
+        return True
+
+    # ----- daemon start / stop -------------------------------------------------------------------
+    async def load(self) -> None:
+        """Read every VM from the store and re-attach to the QEMUs still running."""
+        rows = self._store.vms()
+        known = {r.spec.name for r in rows}
+        self._remove_orphans(known)
+        for row in rows:
+            vm = VmRuntime(row.spec, row.autostart, row.state, row.reason, self.paths(row.spec.name))
+            self._vms[row.spec.name] = vm
+        await asyncio.gather(*(self._reattach(vm) for vm in self._vms.values()))
+
+    def _remove_orphans(self, known: set[str]) -> None:
+        """Directories left by a create or delete that crashed half-way have no row: remove them."""
+        for parent in (self._vm_dir, self._run_dir):
+            for d in parent.iterdir():
+                if d.name not in known and not self._pid_alive_in(d):
+                    log.info("removing leftover %s", d)
+                    shutil.rmtree(d, ignore_errors=True)
+
+    @staticmethod
+    def _pid_alive_in(d: Path) -> bool:
+        proc = process.read_pid(RuntimePaths(d, d))
+        return proc is not None and process.alive(proc)
+
+    async def _reattach(self, vm: VmRuntime) -> None:
+        proc = process.read_pid(vm.paths)
+        if proc is not None and process.alive(proc):
+            vm.proc = proc
+            try:
+                await self._attach(vm)
+                status = await vm.monitor.query_status() if vm.monitor else "unknown"
+                vm.agent = await vm.monitor.chardev_frontend_open("qga0") if vm.monitor else False
+            except Exception as e:  # noqa: BLE001 - reported as the VM's state reason
+                log.warning("VM %s: QEMU pid %d alive but QMP unreachable: %s", vm.spec.name, proc.pid, e)
+                self._set_state(vm, VmState.CRASHED, f"QEMU (pid {proc.pid}) not answering on QMP")
+                return
+            if status == "prelaunch":
+                # The daemon died between spawning QEMU and `cont`: finish the start the user asked for.
+                await vm.monitor.cont()  # type: ignore[union-attr]
+                status = "running"
+            state = _QEMU_STATES.get(status, VmState.PAUSED)
+            if state is VmState.SHUTDOWN or state is VmState.CRASHED:
+                # The guest powered off (or died) while the daemon was away; QEMU waited for us.
+                vm.shutdown_reason = "guest-shutdown" if state is VmState.SHUTDOWN else "crashed"
+                self._set_state(vm, state, status)
+                await self._quit(vm)
+                return
+            self._set_state(vm, state, "reattached" if vm.state != state else vm.reason)
+            return
+        if vm.state.active:
+            # QEMU is gone and nobody saw it go. A SIGTERM/SIGINT leaves its own line in QEMU's log.
+            tail = _tail(vm.paths.qemu_log)
+            if "terminating on signal" in tail:
+                self._set_state(vm, VmState.SHUTOFF, "destroyed")
+            else:
+                self._set_state(vm, VmState.CRASHED, "QEMU exited while the daemon was not running")
+        shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
+
+    async def autostart(self, marker: Path) -> None:
+        """Start autostart VMs once per host boot (marker lives on the run dir's tmpfs), as libvirt does,
+        so restarting the daemon never revives a VM the user shut down."""
+        if marker.exists():
+            return
+        marker.touch()
+        for vm in list(self._vms.values()):
+            if vm.autostart and not vm.state.active:
+                try:
+                    await self.start(vm.spec.name)
+                except VmkitError as e:
+                    log.error("autostart of %s failed: %s", vm.spec.name, e.message)
+
+    async def close(self) -> None:
+        """Detach from every QEMU without stopping it."""
+        for vm in self._vms.values():
+            self._unwatch(vm)
+            if vm.monitor:
+                await vm.monitor.close()
+                vm.monitor = None
+
+    # ----- watching QEMU -------------------------------------------------------------------------
+    async def _attach(self, vm: VmRuntime) -> None:
+        """Connect QMP and watch the process. vm.proc must be set."""
+        assert vm.proc is not None
+        vm.exited = asyncio.Event()
+        fd = process.pidfd(vm.proc)
+        if fd is None:
+            raise QmpFailed("QEMU exited")
+        vm.pidfd = fd
+        asyncio.get_running_loop().add_reader(fd, self._on_pidfd, vm)
+        mon = qmp.Monitor(vm.spec.name, log_path=vm.paths.qmp_log)
+        try:
+            await mon.connect(vm.paths.qmp_sock, lambda ev, data: self._on_event(vm, ev, data))
+        except Exception:
+            await mon.close()
+            raise
+        vm.monitor = mon
+
+    def _unwatch(self, vm: VmRuntime) -> None:
+        if vm.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(vm.pidfd)
+            os.close(vm.pidfd)
+            vm.pidfd = None
+
+    def _on_pidfd(self, vm: VmRuntime) -> None:
+        self._unwatch(vm)
+        asyncio.get_running_loop().create_task(self._on_exit(vm))
+
+    async def _on_exit(self, vm: VmRuntime) -> None:
+        status = vm.popen.poll() if vm.popen else None  # reaps our own child; None if not ours
+        if vm.monitor:
+            await vm.monitor.close()
+            vm.monitor = None
+        if vm.shutdown_reason == "guest-shutdown":
+            state, reason = VmState.SHUTOFF, "shutdown"
+        elif vm.shutdown_reason == "crashed":
+            state, reason = VmState.CRASHED, "crashed"
+        elif vm.quit_requested or vm.shutdown_reason in ("host-qmp-quit", "host-signal", "host-ui"):
+            state, reason = VmState.SHUTOFF, "destroyed"
+        elif status is not None and status < 0:
+            state, reason = VmState.CRASHED, f"QEMU killed by signal {-status}"
+        elif status is not None:
+            state, reason = (
+                VmState.CRASHED,
+                f"QEMU exited with status {status}: {_tail(vm.paths.qemu_log, 1)}",
+            )
+        else:
+            state, reason = VmState.CRASHED, "QEMU exited unexpectedly"
+        vm.proc = vm.popen = None
+        vm.agent = False
+        vm.shutdown_reason, vm.quit_requested, vm.reboot_pending = None, False, False
+        shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
+        self._set_state(vm, state, reason)
+        vm.exited.set()
+
+    async def _on_event(self, vm: VmRuntime, event: str, data: dict[str, Any]) -> None:
+        if event == qmp.EV_SHUTDOWN:
+            if vm.reboot_pending and data.get("guest"):
+                # Fake reboot (as libvirt does): the guest powered off on our ACPI request; reset and run it.
+                vm.reboot_pending = False
+                with contextlib.suppress(Exception):
+                    assert vm.monitor is not None
+                    await vm.monitor.system_reset()
+                    await vm.monitor.cont()
+                return
+            vm.shutdown_reason = "guest-shutdown" if data.get("guest") else str(data.get("reason", "host"))
+            self._set_state(vm, VmState.SHUTDOWN, vm.shutdown_reason)
+            if data.get("guest"):
+                # -no-shutdown kept QEMU alive so we could record why; now let it go.
+                asyncio.get_running_loop().create_task(self._quit(vm))
+        elif event == qmp.EV_STOP:
+            if vm.shutdown_reason is None and not vm.reboot_pending:
+                self._set_state(vm, VmState.PAUSED, "user")
+        elif event in (qmp.EV_RESUME, qmp.EV_WAKEUP):
+            self._set_state(vm, VmState.RUNNING, "unpaused" if event == qmp.EV_RESUME else "wakeup")
+        elif event == qmp.EV_SUSPEND:
+            self._set_state(vm, VmState.PMSUSPENDED, None)
+        elif event == qmp.EV_GUEST_PANICKED:
+            vm.shutdown_reason = "crashed"
+            self._set_state(vm, VmState.CRASHED, "guest panicked")
+            asyncio.get_running_loop().create_task(self._quit(vm))
+        elif event == qmp.EV_VSERPORT_CHANGE and data.get("id") == "qga0":
+            vm.agent = bool(data.get("open"))
+            self._bus.publish("vm-agent", vm=vm.spec.name, connected=vm.agent)
+
+    async def _quit(self, vm: VmRuntime, *, timeout_s: float = 1.0) -> None:
+        """End QEMU: QMP quit, and SIGKILL if it has not exited within timeout_s."""
+        vm.quit_requested = True
+        if vm.monitor:
+            with contextlib.suppress(Exception):
+                await vm.monitor.quit()
+        try:
+            await asyncio.wait_for(vm.exited.wait(), timeout_s)
+        except TimeoutError:
+            if vm.proc:
+                process.kill(vm.proc)
+            await asyncio.wait_for(vm.exited.wait(), 5)
+
+    # ----- create / delete -----------------------------------------------------------------------
+    async def create(self, req: CreateVm) -> VmInfo:
+        async with self._create_lock:
+            if req.name in self._vms:
+                raise Conflict(f"a VM named {req.name!r} already exists")
+            host_mib = _host_memory_mib()
+            if host_mib and req.memory_mib > host_mib:
+                raise InvalidInput(f"memory_mib {req.memory_mib} exceeds the host's {host_mib} MiB")
+            cpus = os.cpu_count() or 1
+            if req.vcpus > cpus:
+                raise InvalidInput(f"vcpus {req.vcpus} exceeds the host's {cpus} CPUs")
+            kernel, initrd, cmdline, base_disk = req.kernel, req.initrd, req.cmdline, None
+            if req.image is not None:
+                img = self._image_lookup(req.image)
+                if img is None:
+                    raise NotFound(f"no image named {req.image!r} (build the demo guest with `vmkit image demo`)")
+                kernel = kernel or img.get("kernel")
+                initrd = initrd or img.get("initrd")
+                cmdline = cmdline if cmdline is not None else img.get("cmdline")
+                base_disk = img.get("disk")
+            for label, path in (("kernel", kernel), ("initrd", initrd)):
+                if path is not None and not os.path.isfile(path):
+                    raise InvalidInput(f"{label} {path} does not exist or is not a file")
+            if initrd and not kernel:
+                raise InvalidInput("an initrd needs a kernel")
+            spec_disks: list[DiskSpec] = []
+            paths = self.paths(req.name)
+            with Reverter() as rev:
+                if base_disk or req.disk_size_bytes:
+                    paths.log_dir.mkdir(parents=True, mode=0o700)
+                    rev.add(lambda: shutil.rmtree(paths.log_dir, ignore_errors=True))
+                    disk = paths.log_dir / "disk0.qcow2"
+                    await asyncio.to_thread(_create_disk, disk, base_disk, req.disk_size_bytes)
+                    spec_disks.append(DiskSpec(path=str(disk), format="qcow2", backing_image=req.image))
+                spec = VmSpec(
+                    name=req.name,
+                    uuid=str(uuid.uuid4()),
+                    memory_mib=req.memory_mib,
+                    vcpus=req.vcpus,
+                    image=req.image,
+                    kernel=kernel,
+                    initrd=initrd,
+                    cmdline=cmdline,
+                    disks=spec_disks,
+                    nics=[NicSpec(mac=_mac())] if req.nic else [],
+                )
+                self._store.add_vm(spec, autostart=req.autostart)
+                rev.success()
+            vm = VmRuntime(spec, req.autostart, VmState.SHUTOFF, None, paths)
+            self._vms[spec.name] = vm
+            self._bus.publish("vm-created", vm=spec.name)
+            return vm.info()
+
+    async def delete(self, name: str, *, keep_disks: bool = False) -> None:
+        vm = self._get(name)
+        async with vm.lock:
+            if vm.state.active:
+                raise Conflict(f"VM {name!r} is {vm.state}; stop it first")
+            # Row first: a crash after it leaves only files without a row, which the next start removes
+            # (unless they are kept disks, which live outside the VM dir afterwards).
+            self._store.delete_vm(name)
+            del self._vms[name]
+            if keep_disks:
+                for d in vm.spec.disks:
+                    if d.owned and os.path.exists(d.path):
+                        kept = self._vm_dir.parent / "kept-disks" / f"{name}-{Path(d.path).name}"
+                        kept.parent.mkdir(exist_ok=True, mode=0o700)
+                        os.replace(d.path, kept)
+                        log.info("kept disk of %s at %s", name, kept)
+            shutil.rmtree(vm.paths.log_dir, ignore_errors=True)
+            shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
+            self._bus.publish("vm-deleted", vm=name)
+
+    async def set_autostart(self, name: str, enabled: bool) -> VmInfo:
+        vm = self._get(name)
+        self._store.set_autostart(name, enabled)
+        vm.autostart = enabled
+        return vm.info()
+
+    # ----- lifecycle -----------------------------------------------------------------------------
+    async def start(self, name: str) -> VmInfo:
+        vm = self._get(name)
+        async with vm.lock:
+            if vm.state.active:
+                raise Conflict(f"VM {name!r} is already {vm.state}")
+            for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
+                if path and not os.path.isfile(path):
+                    raise Conflict(f"cannot start {name!r}: its {label} {path} is missing")
+            await self._launch(vm)
+            return vm.info()
+
+    async def _launch(self, vm: VmRuntime) -> None:
+        paths = vm.paths
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+        paths.run_dir.mkdir(parents=True, mode=0o700)
+        paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.qemu_log.write_bytes(b"")
+        vm.shutdown_reason, vm.quit_requested, vm.reboot_pending, vm.agent = None, False, False, False
+        sock = process.listen_unix(paths.qmp_sock)
+        try:
+            argv = qemu_argv(vm.spec, paths, self._host, qmp_fd=sock.fileno())
+            vm.proc, vm.popen = process.spawn(argv, paths, sock)
+        finally:
+            sock.close()
+        try:
+            await self._attach(vm)
+            await vm.monitor.cont()  # type: ignore[union-attr]
+        except Exception as e:
+            popen = vm.popen
+            if vm.proc:
+                process.kill(vm.proc)
+            if popen:
+                await asyncio.to_thread(popen.wait, 5)
+            self._unwatch(vm)
+            if vm.monitor:
+                await vm.monitor.close()
+                vm.monitor = None
+            vm.proc = vm.popen = None
+            detail = _tail(paths.qemu_log, 3) or str(e)
+            shutil.rmtree(paths.run_dir, ignore_errors=True)
+            self._set_state(vm, VmState.SHUTOFF, "failed")
+            raise VmkitError(f"QEMU failed to start {vm.spec.name!r}: {detail}") from e
+        # RESUME may already have set it; setting again is a no-op.
+        self._set_state(vm, VmState.RUNNING, "booted")
+
+    def _need_monitor(self, vm: VmRuntime, *allowed: VmState) -> qmp.Monitor:
+        if vm.state not in allowed or vm.monitor is None:
+            want = " or ".join(str(s) for s in allowed)
+            raise Conflict(f"VM {vm.spec.name!r} is {vm.state}, must be {want}")
+        return vm.monitor
+
+    async def shutdown(self, name: str, *, timeout_s: float = 60.0, force: bool = False) -> VmInfo:
+        """ACPI power-off; wait up to timeout_s for the guest to turn off, then fail (or hard-stop if force)."""
+        vm = self._get(name)
+        async with vm.lock:
+            if vm.state is VmState.SHUTOFF or vm.state is VmState.CRASHED:
+                raise Conflict(f"VM {name!r} is not running")
+            if vm.state is VmState.RUNNING and vm.monitor:
+                await _qmp(vm.monitor.system_powerdown())
+            elif not force:
+                raise Conflict(f"VM {name!r} is {vm.state}; a guest can only power off while running (use --force)")
+            if await self._wait_state(vm, lambda s: not s.active, timeout_s if vm.state is VmState.RUNNING else 0):
+                return vm.info()
+            if not force:
+                raise Timeout(f"VM {name!r} did not shut down within {timeout_s:g} s (use --force to stop it hard)")
+            await self._quit(vm)
+            return vm.info()
+
+    async def destroy(self, name: str) -> VmInfo:
+        """Hard stop, like pulling the plug (virsh destroy)."""
+        vm = self._get(name)
+        async with vm.lock:
+            if not vm.state.active or vm.proc is None:
+                raise Conflict(f"VM {name!r} is not running")
+            await self._quit(vm)
+            return vm.info()
+
+    async def reboot(self, name: str) -> VmInfo:
+        vm = self._get(name)
+        async with vm.lock:
+            mon = self._need_monitor(vm, VmState.RUNNING)
+            vm.reboot_pending = True
+            await _qmp(mon.system_powerdown())
+            return vm.info()
+
+    async def pause(self, name: str) -> VmInfo:
+        vm = self._get(name)
+        async with vm.lock:
+            mon = self._need_monitor(vm, VmState.RUNNING)
+            await _qmp(mon.stop())
+            self._set_state(vm, VmState.PAUSED, "user")
+            return vm.info()
+
+    async def resume(self, name: str) -> VmInfo:
+        vm = self._get(name)
+        async with vm.lock:
+            mon = self._need_monitor(vm, VmState.PAUSED)
+            await _qmp(mon.cont())
+            self._set_state(vm, VmState.RUNNING, "unpaused")
+            return vm.info()
+
+    async def wait(self, name: str, *, want: str, timeout_s: float) -> VmInfo:
+        """Wait until the VM's state is `want` (a state word) or, for want='agent', its guest agent is up."""
+        vm = self._get(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            if (want == "agent" and vm.agent) or want == str(vm.state):
+                return vm.info()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Timeout(f"VM {name!r} is {vm.state} (agent {'up' if vm.agent else 'down'}), not {want}")
+            q = self._bus.subscribe()
+            try:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(q.get(), min(remaining, 1.0))
+            finally:
+                self._bus.unsubscribe(q)
+
+    # ----- guest agent, console, log -------------------------------------------------------------
+    async def exec(self, name: str, argv: list[str], *, timeout_s: float, input_data: bytes | None) -> ExecResult:
+        vm = self._get(name)
+        if vm.state is not VmState.RUNNING:
+            raise Conflict(f"VM {name!r} is {vm.state}; exec needs it running")
+        if not vm.agent:
+            raise Conflict(f"the guest agent of {name!r} is not connected (is qemu-ga running in the guest?)")
+        async with vm.agent_lock:
+            agent = await Agent.connect(vm.paths.qga_sock)
+            try:
+                return await agent.exec(argv, input_data=input_data, timeout_s=timeout_s)
+            finally:
+                await agent.close()
+
+    def serial_log(self, name: str) -> bytes:
+        vm = self._get(name)
+        try:
+            return vm.paths.serial_log.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    @contextlib.asynccontextmanager
+    async def console(self, name: str) -> Any:
+        """Exclusive connection to the VM's serial console socket (QEMU serves one client at a time)."""
+        vm = self._get(name)
+        if not vm.state.active:
+            raise Conflict(f"VM {name!r} is not running")
+        if vm.console_busy:
+            raise Conflict(f"the console of {name!r} is already in use")
+        vm.console_busy = True
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(vm.paths.serial_sock))
+            try:
+                yield reader, writer
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+        finally:
+            vm.console_busy = False
+
+
+async def _qmp(coro: Any) -> Any:
+    try:
+        return await coro
+    except TimeoutError as e:
+        raise QmpFailed("QEMU did not answer on QMP in time") from e
+    except VmkitError:
+        raise
+    except Exception as e:
+        raise QmpFailed(f"QMP command failed: {e}") from e
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def _create_disk(path: Path, base: str | None, size_bytes: int | None) -> None:
+    """A qcow2 disk: an overlay on base (the shared image is never written), else an empty thin disk."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if base:
+        argv += ["-b", base, "-F", "qcow2"]
+    argv.append(str(path))
+    if size_bytes:
+        argv.append(str(size_bytes))
+    run(argv, timeout_s=60)

@@ -1,0 +1,104 @@
+"""SQLite state store (WAL). The daemon is its only writer.
+
+Rows hold what must survive a daemon restart: VM specs, autostart, and the last state seen (so a VM whose
+QEMU vanished while the daemon was away can be told apart from one that was shut off). What QEMU itself
+knows (running, paused) is re-read from QEMU on start, never trusted from here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkit.model.vm import VmSpec, VmState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vms (
+    name TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    autostart INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    reason TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS images (
+    name TEXT PRIMARY KEY,
+    data TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class VmRow:
+    spec: VmSpec
+    autostart: bool
+    state: VmState
+    reason: str | None
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    def close(self) -> None:
+        self._db.close()
+
+    # VMs
+    def add_vm(self, spec: VmSpec, *, autostart: bool) -> None:
+        self._db.execute(
+            "INSERT INTO vms(name, uuid, spec, autostart, state, reason, created_at) VALUES (?,?,?,?,?,?,?)",
+            (
+                spec.name,
+                spec.uuid,
+                spec.model_dump_json(),
+                int(autostart),
+                VmState.SHUTOFF,
+                None,
+                time.time(),
+            ),
+        )
+
+    def vms(self) -> list[VmRow]:
+        rows = self._db.execute("SELECT spec, autostart, state, reason FROM vms ORDER BY name").fetchall()
+        return [VmRow(VmSpec.model_validate_json(s), bool(a), VmState(st), r) for s, a, st, r in rows]
+
+    def has_vm(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone() is not None
+
+    def set_vm_state(self, name: str, state: VmState, reason: str | None) -> None:
+        self._db.execute("UPDATE vms SET state = ?, reason = ? WHERE name = ?", (state, reason, name))
+
+    def set_autostart(self, name: str, enabled: bool) -> None:
+        self._db.execute("UPDATE vms SET autostart = ? WHERE name = ?", (int(enabled), name))
+
+    def delete_vm(self, name: str) -> None:
+        self._db.execute("DELETE FROM vms WHERE name = ?", (name,))
+
+    # Images
+    def put_image(self, name: str, data: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO images(name, data, created_at) VALUES (?,?,?)",
+            (name, json.dumps(data), time.time()),
+        )
+
+    def image(self, name: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT data FROM images WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def images(self) -> dict[str, dict[str, Any]]:
+        rows = self._db.execute("SELECT name, data FROM images ORDER BY name").fetchall()
+        return {n: json.loads(d) for n, d in rows}
