@@ -88,7 +88,8 @@ async def serve(cfg: DaemonConfig) -> None:
             "KVM is not usable here (%s); guests run under TCG emulation",
             report.accelerators["kvm"]["detail"],
         )
-    host = HostConfig(qemu_binary=report.qemu_path, accelerator=report.accelerator)
+    # VMKIT_QEMU swaps the emulator binary (tests use a fake QEMU that speaks QMP to exercise failure paths).
+    host = HostConfig(qemu_binary=os.environ.get("VMKIT_QEMU", report.qemu_path), accelerator=report.accelerator)
 
     store = Store(cfg.state_dir / "vmkit.db")
     bus = EventBus()

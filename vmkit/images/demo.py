@@ -61,7 +61,7 @@ BASE_MODULES = (
 # module providing each when it is built as a module.
 POWER_BUTTON_OPTIONS = (("CONFIG_ACPI_BUTTON", "button"), ("CONFIG_INPUT_EVDEV", "evdev"))
 
-# demo_files/<name> -> (path in the guest, mode). Every file in demo_files is part of the cache key.
+# demo_files/<name> -> (path in the guest, mode). Each file's content is part of the cache key.
 GUEST_FILES: Mapping[str, tuple[str, int]] = {
     "inittab": ("etc/inittab", 0o644),
     "rcS": ("etc/init.d/rcS", 0o755),

@@ -322,8 +322,9 @@ class VmService:
                     await vm.monitor.system_reset()
                     await vm.monitor.cont()
                 return
-            vm.shutdown_reason = "guest-shutdown" if data.get("guest") else str(data.get("reason", "host"))
-            self._set_state(vm, VmState.SHUTDOWN, vm.shutdown_reason)
+            if vm.shutdown_reason is None:  # the first SHUTDOWN names the cause; our own `quit` follows it
+                vm.shutdown_reason = "guest-shutdown" if data.get("guest") else str(data.get("reason", "host"))
+                self._set_state(vm, VmState.SHUTDOWN, vm.shutdown_reason)
             if data.get("guest"):
                 # -no-shutdown kept QEMU alive so we could record why; now let it go.
                 asyncio.get_running_loop().create_task(self._quit(vm))
@@ -473,7 +474,7 @@ class VmService:
                 await vm.monitor.close()
                 vm.monitor = None
             vm.proc = vm.popen = None
-            detail = _tail(paths.qemu_log, 3) or str(e)
+            detail = _tail(paths.qemu_log, 3) or f"{type(e).__name__}: {e}"
             shutil.rmtree(paths.run_dir, ignore_errors=True)
             self._set_state(vm, VmState.SHUTOFF, "failed")
             raise VmkitError(f"QEMU failed to start {vm.spec.name!r}: {detail}") from e

