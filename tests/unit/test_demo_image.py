@@ -166,7 +166,7 @@ def test_cache_key_changes_with_inputs(files: dict[str, bytes], digests: dict[st
 
 def _parse_newc(blob: bytes) -> list[tuple[str, int, bytes, tuple[int, int]]]:
     """Minimal newc reader: (name, mode, data, rdev) per member, trailer excluded."""
-    out = []
+    out: list[tuple[str, int, bytes, tuple[int, int]]] = []
     pos = 0
     while True:
         assert pos % 4 == 0

@@ -437,8 +437,12 @@ def _install_userland(root: Path, files: Mapping[str, bytes], modules: Sequence[
 
 
 def _pack_initramfs(root: Path, out: Path) -> None:
-    # mtime=0 and fixed owners/timestamps in the archive keep identical inputs byte-identical.
-    with out.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+    # mtime=0 and fixed owners/timestamps in the archive keep identical inputs byte-identical. Level 6:
+    # level 9 takes 3x as long here for 0.5 % less.
+    with (
+        out.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz,
+    ):
         write_newc([*tree_entries(root), *_DEVICE_NODES], gz)
 
 

@@ -22,7 +22,7 @@ VCPUS_MAX = 255  # what QEMU's x86 machines accept without x2apic/IOMMU tricks
 
 
 def valid_name(name: str) -> bool:
-    return bool(_NAME_RE.match(name))
+    return _NAME_RE.fullmatch(name) is not None  # fullmatch: "$" alone would accept a trailing newline
 
 
 def check_name(name: str, what: str = "VM") -> str:
