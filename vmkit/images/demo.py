@@ -379,16 +379,22 @@ def _install_modules(tree: Path, version: str, config_text: str, root: Path) -> 
         out = proc.run(["modinfo", "-F", "depends", index[name]]).stdout
         return [d.strip().replace("-", "_") for d in out.strip().split(",") if d.strip()]
 
-    wanted = [*BASE_MODULES, *power_button_modules(config_text)]
+    # Other kernel builds may have some of these built in; those need no file and no modprobe.
+    builtin_list = src_dir / "modules.builtin"
+    builtin = set()
+    if builtin_list.is_file():
+        builtin = {module_name(Path(line).name) for line in builtin_list.read_text().split()}
+    wanted = [m for m in (*BASE_MODULES, *power_button_modules(config_text)) if m not in builtin]
     dest_root = root / "lib/modules" / version
+    dest_root.mkdir(parents=True)
     for name in module_closure(wanted, deps_of):
         src = index[name]
         dest_dir = dest_root / src.parent.relative_to(src_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
         _install_module(src, dest_dir)
     # modules.builtin lets modprobe treat built-in drivers as present instead of failing.
-    if (src_dir / "modules.builtin").is_file():
-        shutil.copyfile(src_dir / "modules.builtin", dest_root / "modules.builtin")
+    if builtin_list.is_file():
+        shutil.copyfile(builtin_list, dest_root / "modules.builtin")
     proc.run(["depmod", "-b", root, version])
     if not (dest_root / "modules.dep").is_file():
         raise DemoBuildError("depmod wrote no modules.dep")

@@ -1,0 +1,22 @@
+# The two commands: `make demo` and `make test`. Both install what they need first.
+.PHONY: deps demo test lint unit e2e bench clean
+
+deps:
+	@bash scripts/install-deps.sh
+
+demo: deps
+	@bash scripts/demo.sh
+
+lint: deps
+	.venv/bin/ruff check vmkit tests bench
+	.venv/bin/ruff format --check vmkit tests bench
+	.venv/bin/mypy
+
+test: deps lint
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+unit: deps
+	.venv/bin/python -m pytest -q tests/unit
+
+bench: deps
+	.venv/bin/python bench/lifecycle.py

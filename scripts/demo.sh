@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `make demo`: start the daemon (if it is not running), build the demo guest, boot VM `demo`, wait until
+# its guest agent answers, and say what to type next. Running it again is quick and changes nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VMKIT=/usr/local/bin/vmkit
+
+if ! "$VMKIT" vm list >/dev/null 2>&1; then
+  if [ -d /run/systemd/system ]; then
+    install -m 0644 systemd/vmkit.service /etc/systemd/system/vmkit.service
+    sed -i "s|^ExecStart=.*|ExecStart=$PWD/.venv/bin/vmkit daemon|" /etc/systemd/system/vmkit.service
+    systemctl daemon-reload
+    systemctl start vmkit.service
+    how_stop="systemctl stop vmkit"
+  else
+    mkdir -p /var/log/vmkit
+    setsid -f "$VMKIT" daemon >>/var/log/vmkit/daemon.log 2>&1 </dev/null
+    how_stop="pkill -f 'vmkit daemon'   (VMs keep running; start it again with: setsid -f vmkit daemon)"
+  fi
+  for _ in $(seq 100); do "$VMKIT" vm list >/dev/null 2>&1 && break; sleep 0.1; done
+  "$VMKIT" vm list >/dev/null
+else
+  how_stop="systemctl stop vmkit, or: pkill -f 'vmkit daemon'   (VMs keep running)"
+fi
+
+"$VMKIT" image demo
+if ! "$VMKIT" vm info demo >/dev/null 2>&1; then
+  "$VMKIT" vm create demo --image demo --memory 256
+fi
+state=$("$VMKIT" vm info demo --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["state"])')
+if [ "$state" != "running" ]; then
+  [ "$state" = "paused" ] && "$VMKIT" vm resume demo || "$VMKIT" vm start demo
+fi
+echo "waiting for the demo guest to boot (TCG emulation: a few seconds)..."
+"$VMKIT" vm wait demo --for agent --timeout 120 >/dev/null
+"$VMKIT" vm list
+cat <<MSG
+
+The VM 'demo' is running. Try:
+  vmkit vm exec demo -- uname -a      # run a command through the guest agent
+  vmkit vm console demo               # serial console (Ctrl-] leaves)
+  vmkit vm log demo                   # boot log so far
+  vmkit vm shutdown demo              # ACPI power-off
+  vmkit --help
+Stop the daemon: $how_stop
+MSG

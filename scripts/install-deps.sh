@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install everything vmkit needs on Debian 12, idempotently: Debian packages, a venv with the project,
+# and the `vmkit` command on PATH. Fast when nothing is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils          # the emulator and qemu-img
+  qemu-guest-agent                    # its qemu-ga goes into the demo guest
+  busybox-static kmod cpio            # demo guest userland, depmod, initramfs packing
+  python3 python3-venv                # the daemon and CLI
+  ca-certificates
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The demo guest's kernel comes from `apt-get download`, which needs package lists.
+if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  apt-get update -q
+fi
+
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.vmkit-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+ln -sf "$PWD/.venv/bin/vmkit" /usr/local/bin/vmkit
