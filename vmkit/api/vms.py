@@ -135,6 +135,8 @@ async def vm_console(ws: WebSocket, name: str) -> None:
         cm = svc.vms.console(name)
         reader, writer = await cm.__aenter__()
     except VmkitError as e:
+        # Accept first so the client gets the reason in the close frame (a refused handshake has no body).
+        await ws.accept()
         await ws.close(code=4000 + e.status, reason=e.message[:120])
         return
     await ws.accept()

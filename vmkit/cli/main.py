@@ -183,7 +183,7 @@ def vm_log(c: Client, a: argparse.Namespace) -> int:
 
 
 def vm_exec(c: Client, a: argparse.Namespace) -> int:
-    argv = a.command[1:] if a.command and a.command[0] == "--" else a.command
+    argv = a.command
     if not argv:
         raise CliError("no command given: vmkit vm exec NAME -- CMD [ARGS...]")
     body: dict[str, Any] = {"argv": argv, "timeout_s": a.timeout}
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--timeout", type=float, default=60.0, metavar="S")
     sp.add_argument("--stdin", action="store_true", help="send standard input to the command")
-    sp.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    sp.add_argument("command", nargs="*", metavar="-- CMD [ARGS...]")
 
     image = nouns.add_parser("image", help="images VMs boot from").add_subparsers(dest="verb", required=True)
     add(image, "list", image_list, "list images")
@@ -358,7 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Everything after the first "--" is the guest command of `vm exec`, options included.
+    rest: list[str] | None = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1 :]
     args = build_parser().parse_args(argv)
+    if rest is not None:
+        if getattr(args, "command", None) is None:
+            sys.stderr.write("vmkit: error: '--' is only used by `vm exec`\n")
+            return 2
+        args.command = [*args.command, *rest]
     client = Client(args.api_socket)
     try:
         return int(args.fn(client, args))

@@ -381,7 +381,7 @@ def _install_modules(tree: Path, version: str, config_text: str, root: Path) -> 
 
     # Other kernel builds may have some of these built in; those need no file and no modprobe.
     builtin_list = src_dir / "modules.builtin"
-    builtin = set()
+    builtin: set[str | None] = set()
     if builtin_list.is_file():
         builtin = {module_name(Path(line).name) for line in builtin_list.read_text().split()}
     wanted = [m for m in (*BASE_MODULES, *power_button_modules(config_text)) if m not in builtin]
