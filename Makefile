@@ -4,7 +4,7 @@
 deps:
 	@bash scripts/install-deps.sh
 
-demo: deps
+demo:
 	@bash scripts/demo.sh
 
 lint: deps

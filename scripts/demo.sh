@@ -3,6 +3,7 @@
 # its guest agent answers, and say what to type next. Running it again is quick and changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh --link
 VMKIT=/usr/local/bin/vmkit
 
 if ! "$VMKIT" vm list >/dev/null 2>&1; then

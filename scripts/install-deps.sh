@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything vmkit needs on Debian 12, idempotently: Debian packages, a venv with the project,
-# and the `vmkit` command on PATH. Fast when nothing is missing.
+# and (with --link) the `vmkit` command on PATH. Fast when nothing is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +34,10 @@ fi
 stamp=.venv/.vmkit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
+  # compat mode: a plain .pth path entry, not an import hook that slows every CLI start by ~9 ms
+  .venv/bin/pip install -q -e '.[dev]' --config-settings editable_mode=compat
   touch "$stamp"
 fi
-ln -sf "$PWD/.venv/bin/vmkit" /usr/local/bin/vmkit
+if [ "${1:-}" = "--link" ]; then
+  ln -sf "$PWD/.venv/bin/vmkit" /usr/local/bin/vmkit
+fi

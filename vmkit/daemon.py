@@ -106,7 +106,9 @@ async def serve(cfg: DaemonConfig) -> None:
     svc = Services(vms=vms, images=images, ops=Operations(bus), bus=bus, host=host, host_report=report.to_dict())
     app = create_app(svc)
     sock = _bind_api_socket(cfg.socket)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, ws="websockets-sansio")
+    )
     autostart = asyncio.create_task(vms.autostart(cfg.run_dir / "autostart.done"))
     log.info("vmkit daemon listening on %s (state %s)", cfg.socket, cfg.state_dir)
     try:

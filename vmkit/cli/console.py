@@ -9,7 +9,6 @@ import sys
 import termios
 import threading
 import tty
-from urllib.parse import quote
 
 ESCAPE = b"\x1d"  # Ctrl-]
 
@@ -18,8 +17,10 @@ def attach(socket_path: str, name: str) -> int:
     from websockets.exceptions import ConnectionClosed, InvalidStatus
     from websockets.sync.client import unix_connect
 
+    from vmkit.cli.main import quote
+
     try:
-        ws = unix_connect(socket_path, f"ws://localhost/v1/vms/{quote(name, safe='')}/console")
+        ws = unix_connect(socket_path, f"ws://localhost/v1/vms/{quote(name)}/console")
     except (InvalidStatus, OSError) as e:
         sys.stderr.write(f"vmkit: error: cannot attach to the console of {name}: {e}\n")
         return 1

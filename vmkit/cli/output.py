@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+if False:  # see vmkit.cli.main: typing is not imported at run time
+    from typing import Any
 
 
 def print_json(data: Any) -> None:

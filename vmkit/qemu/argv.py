@@ -105,7 +105,8 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, *, qmp_fd: in
         "-serial", "chardev:serial0",
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=qga0,path={opt(str(paths.qga_sock))},server=on,wait=off",
-        "-device", f"virtserialport,bus=vser0.0,chardev=qga0,id=qga0,name={AGENT_PORT}",  # id= makes QEMU emit VSERPORT_CHANGE
+        # The port's id= is what makes QEMU emit VSERPORT_CHANGE when the guest agent opens it.
+        "-device", f"virtserialport,bus=vser0.0,chardev=qga0,id=qga0,name={AGENT_PORT}",
         "-device", "VGA,id=video0",
         "-vnc", f"unix:{opt(str(paths.vnc_sock))}",
     ]  # fmt: skip
