@@ -37,6 +37,7 @@ class Daemon:
             "VMKIT_CACHE_DIR": str(CACHE_DIR),
             **(env or {}),
         }
+        self.socket = Path(self.env["VMKIT_SOCKET"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.api = Client(str(self.socket), timeout_s=120)
 

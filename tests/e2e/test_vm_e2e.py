@@ -103,11 +103,43 @@ def test_reboot_and_console(daemon: Daemon) -> None:
         # One console at a time.
         res = d.cli("vm", "console", "rb", check=False)
         assert res.returncode != 0 and "already in use" in res.stderr
+    _cli_console_in_a_pty(d, "rb")
     d.cli("vm", "reboot", "rb")
     wait_ready(d, "rb", count=2)
     vm = d.vm("rb")
     assert vm["state"] == "running" and vm["pid"] == pid  # rebooted inside the same QEMU
     d.cli("vm", "stop", "rb", "--force")
+
+
+def _cli_console_in_a_pty(d: Daemon, name: str) -> None:
+    """`vmkit vm console` as a person uses it: a terminal, a command typed, Ctrl-] to leave."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmkit", "vm", "console", name], stdin=slave, stdout=slave, stderr=slave, env=d.env
+    )
+    os.close(slave)
+    got = b""
+    try:
+        deadline = time.monotonic() + 20
+        sent = False
+        while b"pty-42" not in got and time.monotonic() < deadline:
+            if not sent and b"escape character" in got:
+                os.write(master, b"echo pty-$((6*7))\r")
+                sent = True
+            if select.select([master], [], [], 0.5)[0]:
+                got += os.read(master, 4096)
+        assert b"pty-42" in got, got
+        os.write(master, b"\x1d")
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
 
 
 def test_daemon_killed_vms_survive_and_crash_is_noticed(daemon: Daemon) -> None:

@@ -192,3 +192,48 @@ def test_conflicts(fake_daemon: Daemon) -> None:
     d.cli("vm", "delete", "c")
     assert d.api.get("/v1/vms") == []
     assert not (d.state_dir / "vms" / "c").exists()
+
+
+def test_autostart_once_per_boot(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    d.cli("vm", "create", "auto", "--autostart")
+    d.cli("vm", "create", "manual")
+    assert json.loads(d.cli("vm", "autostart", "manual", "on", "--json").stdout)["autostart"] is True
+    d.cli("vm", "autostart", "manual", "off")
+    # The daemon already ran its once-per-boot autostart; a restart must not start VMs again.
+    d.stop()
+    d.start()
+    assert d.vm("auto")["state"] == "shut off"
+    # A new host boot (the run dir's tmpfs is empty) starts autostart VMs only.
+    (d.run_dir / "autostart.done").unlink()
+    d.stop()
+    d.start()
+    assert d.wait_state("auto", "running", 5)["state"] == "running"
+    assert d.vm("manual")["state"] == "shut off"
+
+
+def test_delete_keep_disks(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    vm = json.loads(d.cli("vm", "create", "kd", "--disk", "16M", "--json").stdout)
+    disk = vm["disks"][0]["path"]
+    assert os.path.exists(disk)
+    d.cli("vm", "delete", "kd", "--keep-disks")
+    kept = d.state_dir / "kept-disks" / "kd-disk0.qcow2"
+    assert kept.exists() and not os.path.exists(disk)
+    assert not (d.state_dir / "vms" / "kd").exists()
+    vm = json.loads(d.cli("vm", "create", "kd2", "--disk", "16M", "--json").stdout)
+    d.cli("vm", "delete", "kd2")
+    assert not os.path.exists(vm["disks"][0]["path"])
+
+
+def test_openapi_and_socket_mode(fake_daemon: Daemon) -> None:
+    doc = fake_daemon.api.get("/openapi.json")
+    assert "/v1/vms" in doc["paths"] and "/v1/vms/{name}/start" in doc["paths"]
+    mode = os.stat(fake_daemon.socket).st_mode & 0o777
+    assert mode & 0o007 == 0, oct(mode)  # nobody outside root (and group vmkit) may connect
+
+
+def test_second_daemon_on_same_state_dir_refused(fake_daemon: Daemon) -> None:
+    other = Daemon(fake_daemon.root, {"VMKIT_SOCKET": str(fake_daemon.root / "other.sock")})
+    with pytest.raises(RuntimeError, match="another daemon"):
+        other.start(timeout_s=10)

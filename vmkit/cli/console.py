@@ -32,7 +32,13 @@ def attach(socket_path: str, name: str) -> int:
         reason = e.rcvd.reason if e.rcvd else "closed"
         sys.stderr.write(f"vmkit: error: {reason}\n")
         return 1
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    if saved is not None:
+        # Raw before the banner, and TCSANOW so nothing typed ahead is discarded.
+        tty.setraw(fd, termios.TCSANOW)
     sys.stderr.write(f"Connected to {name} (escape character is ^])\r\n")
+    sys.stderr.flush()
     out = sys.stdout.buffer
     if first:
         out.write(first if isinstance(first, bytes) else first.encode())
@@ -46,11 +52,7 @@ def attach(socket_path: str, name: str) -> int:
 
     reader = threading.Thread(target=pump_out, daemon=True)
     reader.start()
-    fd = sys.stdin.fileno()
-    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
     try:
-        if saved is not None:
-            tty.setraw(fd)
         while reader.is_alive():
             ready, _, _ = select.select([fd], [], [], 0.2)
             if not ready:
