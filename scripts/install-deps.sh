@@ -35,7 +35,7 @@ stamp=.venv/.vmkit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   # compat mode: a plain .pth path entry, not an import hook that slows every CLI start by ~9 ms
-  .venv/bin/pip install -q -e '.[dev]' --config-settings editable_mode=compat
+  PYTHONWARNINGS=ignore .venv/bin/pip install -q -e '.[dev]' --config-settings editable_mode=compat
   touch "$stamp"
 fi
 if [ "${1:-}" = "--link" ]; then

@@ -72,8 +72,9 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.vms import VmService
     from vmkit.store.db import Store
 
-    for d in (cfg.state_dir, cfg.run_dir):
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The run dir stays traversable so group `vmkit` can reach the API socket; each VM's dir inside is 0700.
+    cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     lock = open(cfg.state_dir / "daemon.lock", "w")  # noqa: SIM115 - held for the daemon's lifetime
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
