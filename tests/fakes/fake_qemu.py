@@ -6,6 +6,7 @@ behaviour is steered by environment variables so tests can drive failure paths r
   FAKE_QEMU_FAIL=1          print an error and exit 1 before serving QMP (like a bad option)
   FAKE_QEMU_IGNORE_ACPI=1   ignore system_powerdown (a guest without ACPI support)
   FAKE_QEMU_AGENT=1         report the guest agent port as open
+  FAKE_QEMU_HANG_LATER=1    after the first QMP client leaves, accept clients but never answer (a hung QEMU)
 """
 
 from __future__ import annotations
@@ -112,8 +113,12 @@ class Fake:
         raise ValueError(f"The command {cmd} has not been found")
 
     def serve(self, listener: socket.socket) -> None:
+        clients = 0
         while True:
             conn, _ = listener.accept()
+            clients += 1
+            if clients > 1 and os.environ.get("FAKE_QEMU_HANG_LATER"):
+                time.sleep(3600)
             self.conn = conn
             self.send(
                 {

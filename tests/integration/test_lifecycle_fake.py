@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import Daemon
 from vmkit.cli.client import ApiError
+from vmkit.qemu import process
 
 
 def _create_start(d: Daemon, name: str) -> dict:
@@ -237,3 +238,23 @@ def test_second_daemon_on_same_state_dir_refused(fake_daemon: Daemon) -> None:
     other = Daemon(fake_daemon.root, {"VMKIT_SOCKET": str(fake_daemon.root / "other.sock")})
     with pytest.raises(RuntimeError, match="another daemon"):
         other.start(timeout_s=10)
+
+
+def test_hung_qemu_after_restart_is_crashed_but_stoppable(tmp_path) -> None:
+    from tests.conftest import FAKE_QEMU
+
+    d = Daemon(tmp_path, {"VMKIT_QEMU": str(FAKE_QEMU), "FAKE_QEMU_HANG_LATER": "1"})
+    d.start()
+    try:
+        pid = _create_start(d, "hung")["pid"]
+        d.kill9()
+        d.start(timeout_s=30)
+        vm = d.vm("hung")
+        assert vm["state"] == "crashed" and "not answering" in vm["reason"]
+        res = d.cli("vm", "start", "hung", check=False)
+        assert res.returncode != 0 and "still there" in res.stderr  # never a second QEMU on the same disks
+        d.cli("vm", "stop", "hung", "--force")
+        assert d.vm("hung")["state"] == "shut off"
+        assert not process.alive(process.QemuProcess(pid, process.proc_start_time(pid) or -1))
+    finally:
+        d.cleanup()

@@ -414,10 +414,8 @@ class VmService:
         async with vm.lock:
             if vm.state.active:
                 raise Conflict(f"VM {name!r} is {vm.state}; stop it first")
-            # Row first: a crash after it leaves only files without a row, which the next start removes
-            # (unless they are kept disks, which live outside the VM dir afterwards).
-            self._store.delete_vm(name)
-            del self._vms[name]
+            # Kept disks move out first, so no crash can let the orphan clean-up below remove them. Then the
+            # row: a crash after it leaves only files without a row, which the next daemon start removes.
             if keep_disks:
                 for d in vm.spec.disks:
                     if d.owned and os.path.exists(d.path):
@@ -425,6 +423,8 @@ class VmService:
                         kept.parent.mkdir(exist_ok=True, mode=0o700)
                         os.replace(d.path, kept)
                         log.info("kept disk of %s at %s", name, kept)
+            self._store.delete_vm(name)
+            del self._vms[name]
             shutil.rmtree(vm.paths.log_dir, ignore_errors=True)
             shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
             self._bus.publish("vm-deleted", vm=name)
@@ -441,6 +441,8 @@ class VmService:
         async with vm.lock:
             if vm.state.active:
                 raise Conflict(f"VM {name!r} is already {vm.state}")
+            if vm.proc is not None and process.alive(vm.proc):
+                raise Conflict(f"QEMU of {name!r} (pid {vm.proc.pid}) is still there; `vm stop --force` it first")
             for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
                 if path and not os.path.isfile(path):
                     raise Conflict(f"cannot start {name!r}: its {label} {path} is missing")
@@ -508,7 +510,8 @@ class VmService:
         """Hard stop, like pulling the plug (virsh destroy)."""
         vm = self._get(name)
         async with vm.lock:
-            if not vm.state.active or vm.proc is None:
+            # Not vm.state: a QEMU that stopped answering QMP is shown crashed but must still be stoppable.
+            if vm.proc is None or not process.alive(vm.proc):
                 raise Conflict(f"VM {name!r} is not running")
             await self._quit(vm)
             return vm.info()
