@@ -16,6 +16,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.util.unixsock import listen_unix
+
 log = logging.getLogger("vmkit")
 
 DEFAULT_STATE_DIR = "/var/lib/vmkit"
@@ -45,17 +47,9 @@ class DaemonConfig:
 def _bind_api_socket(path: Path) -> socket.socket:
     """Root-only socket (0660, group `vmkit` when that group exists)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o117)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
+    sock = listen_unix(path, mode=0o660, backlog=128)
     with contextlib.suppress(KeyError, PermissionError):
         os.chown(path, 0, grp.getgrnam(SOCKET_GROUP).gr_gid)
-    sock.listen(128)
     return sock
 
 

@@ -50,6 +50,15 @@ def _vm_url(name: str, action: str = "") -> str:
     return f"/v1/vms/{quote(name)}" + (f"/{action}" if action else "")
 
 
+def emit(a: argparse.Namespace, data: Any, text: str) -> int:
+    """Print data as JSON with --json, else the sentence for people."""
+    if a.json:
+        print_json(data)
+    else:
+        print(text)
+    return 0
+
+
 # ----- vm ---------------------------------------------------------------------------------------
 def _show_vm(vm: dict[str, Any], as_json: bool) -> None:
     if as_json:
@@ -112,32 +121,19 @@ def vm_create(c: Client, a: argparse.Namespace) -> int:
     vm = c.post("/v1/vms", body)
     if a.start:
         vm = c.post(_vm_url(a.name, "start"))
-    if a.json:
-        print_json(vm)
-    else:
-        print(f"VM {vm['name']} created" + (" and started" if a.start else ""))
-    return 0
+    return emit(a, vm, f"VM {vm['name']} created" + (" and started" if a.start else ""))
 
 
 def _simple_action(action: str, done: str) -> Callable[[Client, argparse.Namespace], int]:
     def cmd(c: Client, a: argparse.Namespace) -> int:
-        vm = c.post(_vm_url(a.name, action))
-        if a.json:
-            print_json(vm)
-        else:
-            print(f"VM {a.name} {done}")
-        return 0
+        return emit(a, c.post(_vm_url(a.name, action)), f"VM {a.name} {done}")
 
     return cmd
 
 
 def vm_shutdown(c: Client, a: argparse.Namespace) -> int:
     vm = c.post(_vm_url(a.name, "shutdown"), {"timeout_s": a.timeout, "force": a.force})
-    if a.json:
-        print_json(vm)
-    else:
-        print(f"VM {a.name} is {vm['state']}")
-    return 0
+    return emit(a, vm, f"VM {a.name} is {vm['state']}")
 
 
 def vm_stop(c: Client, a: argparse.Namespace) -> int:
@@ -145,38 +141,22 @@ def vm_stop(c: Client, a: argparse.Namespace) -> int:
         vm = c.post(_vm_url(a.name, "destroy"))
     else:
         vm = c.post(_vm_url(a.name, "shutdown"), {"timeout_s": a.timeout, "force": False})
-    if a.json:
-        print_json(vm)
-    else:
-        print(f"VM {a.name} is {vm['state']}")
-    return 0
+    return emit(a, vm, f"VM {a.name} is {vm['state']}")
 
 
 def vm_delete(c: Client, a: argparse.Namespace) -> int:
     c.request("DELETE", _vm_url(a.name) + ("?keep_disks=true" if a.keep_disks else ""))
-    if a.json:
-        print_json({"deleted": a.name})
-    else:
-        print(f"VM {a.name} deleted")
-    return 0
+    return emit(a, {"deleted": a.name}, f"VM {a.name} deleted")
 
 
 def vm_autostart(c: Client, a: argparse.Namespace) -> int:
     vm = c.request("PUT", _vm_url(a.name, "autostart"), {"enabled": a.value == "on"})
-    if a.json:
-        print_json(vm)
-    else:
-        print(f"autostart of {a.name} is {a.value}")
-    return 0
+    return emit(a, vm, f"autostart of {a.name} is {a.value}")
 
 
 def vm_wait(c: Client, a: argparse.Namespace) -> int:
     vm = c.get(_vm_url(a.name, "wait") + f"?state={quote(a.state)}&timeout_s={a.timeout}")
-    if a.json:
-        print_json(vm)
-    else:
-        print(f"VM {a.name} is {vm['state']}" + (", guest agent connected" if vm.get("agent") else ""))
-    return 0
+    return emit(a, vm, f"VM {a.name} is {vm['state']}" + (", guest agent connected" if vm.get("agent") else ""))
 
 
 def vm_log(c: Client, a: argparse.Namespace) -> int:
@@ -253,11 +233,8 @@ def image_demo(c: Client, a: argparse.Namespace) -> int:
         image = wait_operation(c, res["operation"], "building demo guest", a.json)["result"]
     else:
         image = res["image"]
-    if a.json:
-        print_json(image)
-    else:
-        print(f"image {image['name']} ready (kernel {image['kernel_version']}) in {time.monotonic() - t0:.1f} s")
-    return 0
+    took = time.monotonic() - t0
+    return emit(a, image, f"image {image['name']} ready (kernel {image['kernel_version']}) in {took:.1f} s")
 
 
 def host_check(c: Client, a: argparse.Namespace) -> int:

@@ -46,20 +46,6 @@ def alive(proc: QemuProcess) -> bool:
     return False
 
 
-def listen_unix(path: Path) -> socket.socket:
-    """Bind and listen on a fresh UNIX socket at path (mode 0600)."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    sock.listen(16)
-    return sock
-
-
 def spawn(argv: list[str], paths: RuntimePaths, qmp_sock: socket.socket) -> tuple[QemuProcess, subprocess.Popen[bytes]]:
     """Start QEMU detached from the daemon. Records argv and pid in the runtime dir."""
     paths.argv_file.write_text(json.dumps(argv))

@@ -33,6 +33,7 @@ from vmkit.services.events import EventBus
 from vmkit.services.reverter import Reverter
 from vmkit.store.db import Store
 from vmkit.util.proc import run
+from vmkit.util.unixsock import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +457,7 @@ class VmService:
         paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         paths.qemu_log.write_bytes(b"")
         vm.shutdown_reason, vm.quit_requested, vm.reboot_pending, vm.agent = None, False, False, False
-        sock = process.listen_unix(paths.qmp_sock)
+        sock = listen_unix(paths.qmp_sock)
         try:
             argv = qemu_argv(vm.spec, paths, self._host, qmp_fd=sock.fileno())
             vm.proc, vm.popen = process.spawn(argv, paths, sock)
