@@ -1,4 +1,9 @@
-"""Build the demo guest and boot it with plain QEMU (TCG): ready line, guest agent, DHCP, power-off."""
+"""Build the demo guest and boot it with plain QEMU (TCG): ready line, guest agent, DHCP, power-off, reboot.
+
+QEMU runs with the machine vmkit uses (q35 under TCG). The kernel is the uncompressed ELF booted through
+PVH, so the tests also cover QEMU's PVH path: a start paused with -S, and vmkit's reboot (system_reset
+after the guest powered off under -no-shutdown), which must reload the kernel and boot it again.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmkit.images.demo import READY_LINE, DemoImage, build_demo
+from vmkit.images.demo import ELF_MAGIC, READY_LINE, VMLINUX, DemoImage, build_demo, pvh_entry
 from vmkit.util import proc
 
 pytestmark = pytest.mark.e2e
@@ -58,6 +63,17 @@ def test_second_build_is_cached(cache_dir: Path, image: DemoImage) -> None:
     for path in (image.kernel, image.initrd, image.disk):
         assert path.is_file()
     assert image.initrd.stat().st_size < 8 << 20
+
+
+def test_kernel_is_uncompressed_pvh_elf(image: DemoImage) -> None:
+    # Debian's amd64 kernels have CONFIG_PVH=y and an xz payload: the build must pick the fast path.
+    meta = json.loads((image.kernel.parent / "image.json").read_text())
+    assert image.kernel.name == VMLINUX, meta.get("pvh_fallback")
+    assert meta["kernel_format"] == "elf-pvh"
+    data = image.kernel.read_bytes()
+    assert data.startswith(ELF_MAGIC)
+    assert pvh_entry(data) == int(meta["pvh_entry"], 16)
+    assert len(data) < 48 << 20  # trimmed: the ELF as extracted is ~66 MB
 
 
 # ----------------------------------------------------------------------------------- clients
@@ -129,6 +145,7 @@ class Agent(_LineSocket):
 
 class Qmp(_LineSocket):
     def handshake(self) -> None:
+        self.events: list[dict[str, Any]] = []
         assert "QMP" in json.loads(self.readline())
         self.command("qmp_capabilities")
 
@@ -137,17 +154,43 @@ class Qmp(_LineSocket):
         while True:
             msg = json.loads(self.readline())
             if "event" in msg:
+                self.events.append(msg)
                 continue
             if "error" in msg:
                 raise RuntimeError(f"{name}: {msg['error']}")
             return msg["return"]
+
+    def wait_event(self, name: str, timeout_s: float) -> dict[str, Any]:
+        """The first event called name, waiting for it up to timeout_s; it and earlier ones are consumed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for i, event in enumerate(self.events):
+                if event["event"] == name:
+                    del self.events[: i + 1]
+                    return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no {name} event within {timeout_s} s; got {self.events}")
+            self.sock.settimeout(remaining)
+            try:
+                self.recv_more()
+            except TimeoutError:
+                continue
+            finally:
+                self.sock.settimeout(10)
+            while b"\n" in self.buf:
+                msg = json.loads(self.readline())
+                if "event" in msg:
+                    self.events.append(msg)
 
 
 # ----------------------------------------------------------------------------------- the VM
 
 
 class DemoVm:
-    def __init__(self, image: DemoImage, rundir: Path) -> None:
+    """QEMU running the demo image. paused and no_shutdown add -S and -no-shutdown, as vmkit runs QEMU."""
+
+    def __init__(self, image: DemoImage, rundir: Path, *, paused: bool = False, no_shutdown: bool = False) -> None:
         self.rundir = rundir
         self.serial_log = rundir / "serial.log"
         self.qga_sock = rundir / "qga.sock"
@@ -157,7 +200,7 @@ class DemoVm:
             ["qemu-img", "create", "-q", "-f", "qcow2", "-b", image.disk, "-F", "qcow2", overlay], check=True
         )
         argv = [
-            "qemu-system-x86_64", "-accel", "tcg", "-m", "256",
+            "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "256",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", image.cmdline,
             "-chardev", f"socket,id=s0,path={rundir}/serial.sock,server=on,wait=off,logfile={self.serial_log}",
@@ -171,6 +214,10 @@ class DemoVm:
             "-blockdev", "driver=qcow2,file=f0,node-name=d0",
             "-device", "virtio-blk-pci,drive=d0",
         ]  # fmt: skip
+        if paused:
+            argv.append("-S")
+        if no_shutdown:
+            argv.append("-no-shutdown")
         self.started = time.monotonic()
         self.process = subprocess.Popen(  # noqa: S603 - argv list
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -182,11 +229,28 @@ class DemoVm:
         except FileNotFoundError:
             return ""
 
-    def wait_ready(self, timeout_s: float) -> float:
-        deadline = self.started + timeout_s
+    def qmp(self, timeout_s: float = 10) -> Qmp:
+        """A QMP connection after the handshake; QEMU creates the socket shortly after it starts."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                qmp = Qmp(self.qmp_sock)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.02)
+        qmp.handshake()
+        return qmp
+
+    def wait_ready(self, timeout_s: float, *, count: int = 1, since: float | None = None) -> float:
+        """Seconds from since (default: QEMU's start) until the serial log has count READY lines."""
+        started = self.started if since is None else since
+        deadline = started + timeout_s
         while time.monotonic() < deadline:
-            if READY_LINE in (line.strip() for line in self.serial_text().splitlines()):
-                return time.monotonic() - self.started
+            lines = [line.strip() for line in self.serial_text().splitlines()]
+            if lines.count(READY_LINE) >= count:
+                return time.monotonic() - started
             if self.process.poll() is not None:
                 out = self.process.stdout.read().decode() if self.process.stdout else ""
                 pytest.fail(f"QEMU exited ({self.process.returncode}): {out}\n{self.serial_text()}")
@@ -208,15 +272,28 @@ class DemoVm:
 
 
 @pytest.fixture
-def vm(image: DemoImage) -> Iterator[DemoVm]:
-    # Short path under /tmp: unix socket paths are limited to 107 bytes.
-    rundir = Path(tempfile.mkdtemp(prefix="vmkit-e2e-"))
-    machine = DemoVm(image, rundir)
+def make_vm(image: DemoImage) -> Iterator[Callable[..., DemoVm]]:
+    """DemoVm factory; every VM it started is killed and its files removed at the end of the test."""
+    started: list[tuple[DemoVm, Path]] = []
+
+    def make(**options: bool) -> DemoVm:
+        # Short path under /tmp: unix socket paths are limited to 107 bytes.
+        rundir = Path(tempfile.mkdtemp(prefix="vmkit-e2e-"))
+        machine = DemoVm(image, rundir, **options)
+        started.append((machine, rundir))
+        return machine
+
     try:
-        yield machine
+        yield make
     finally:
-        machine.kill()
-        shutil.rmtree(rundir, ignore_errors=True)
+        for machine, rundir in started:
+            machine.kill()
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+@pytest.fixture
+def vm(make_vm: Callable[..., DemoVm]) -> DemoVm:
+    return make_vm()
 
 
 def _agent(vm: DemoVm) -> Agent:
@@ -255,4 +332,33 @@ def test_guest_shutdown_through_agent(vm: DemoVm) -> None:
     agent = _agent(vm)
     # On success the agent sends no reply: the guest is going away.
     agent.send({"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}})
+    assert vm.wait_exit(20) == 0
+
+
+def test_paused_start_and_reboot_after_guest_poweroff(make_vm: Callable[..., DemoVm], image: DemoImage) -> None:
+    # As vmkit runs a VM: QEMU starts paused (-S) and keeps running when the guest powers off (-no-shutdown).
+    vm = make_vm(paused=True, no_shutdown=True)
+    qmp = vm.qmp()
+    assert qmp.command("query-status")["status"] == "prelaunch"
+    resumed = time.monotonic()
+    qmp.command("cont")
+    vm.wait_ready(30, since=resumed)
+    agent = _agent(vm)
+    assert agent.exec("uname", "-r") == (0, image.kernel_version + "\n")
+    agent.close()
+
+    # vmkit's reboot: ACPI power-off request; once the guest has powered off, system_reset and cont.
+    qmp.command("system_powerdown")
+    assert qmp.wait_event("SHUTDOWN", 20)["data"]["guest"] is True
+    assert vm.process.poll() is None  # -no-shutdown: QEMU waits instead of exiting
+    assert qmp.command("query-status")["status"] == "shutdown"
+    resumed = time.monotonic()
+    qmp.command("system_reset")
+    qmp.command("cont")
+    vm.wait_ready(30, count=2, since=resumed)
+    agent = _agent(vm)
+    assert agent.exec("cat", "/proc/cmdline")[1].strip() == image.cmdline
+    agent.close()
+
+    qmp.command("quit")
     assert vm.wait_exit(20) == 0

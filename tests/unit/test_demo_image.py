@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import os
 import shutil
 import stat
+import struct
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,16 +17,27 @@ import pytest
 
 from vmkit.images import demo
 from vmkit.images.demo import (
+    PT_LOAD,
+    PT_NOTE,
+    VMLINUX,
+    VMLINUZ,
+    XEN_ELFNOTE_PHYS32_ENTRY,
+    XZ_MAGIC,
     CpioEntry,
     DemoBuildError,
     cache_key,
+    elf64_program_headers,
+    elf_notes,
+    extract_vmlinux,
     kernel_config_value,
     module_closure,
     module_name,
     parse_kernel_depends,
     parse_ldd,
     power_button_modules,
+    pvh_entry,
     tree_entries,
+    trim_elf,
     write_newc,
 )
 from vmkit.util import proc
@@ -159,6 +173,215 @@ def test_cache_key_is_stable() -> None:
 )
 def test_cache_key_changes_with_inputs(files: dict[str, bytes], digests: dict[str, str]) -> None:
     assert cache_key(files, digests) != cache_key(FILES, DIGESTS)
+
+
+def test_cache_key_changes_with_recipe_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = cache_key(FILES, DIGESTS)
+    monkeypatch.setattr(demo, "RECIPE_VERSION", demo.RECIPE_VERSION + 1)
+    assert cache_key(FILES, DIGESTS) != key
+
+
+# ----------------------------------------------------------------------------------- kernel (ELF, PVH)
+
+PVH_ENTRY = 0x1000850
+
+
+def _note(name: bytes, note_type: int, desc: bytes, align: int = 4) -> bytes:
+    def pad(b: bytes) -> bytes:
+        return b + b"\0" * (-len(b) % align)
+
+    name += b"\0"
+    return struct.pack("<III", len(name), len(desc), note_type) + pad(name) + pad(desc)
+
+
+PVH_NOTES = (
+    _note(b"Xen", 6, b"linux\0")
+    + _note(b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, PVH_ENTRY.to_bytes(8, "little"))
+    + _note(b"GNU", 3, b"\x12" * 20)
+)
+
+
+def _elf(
+    segments: Sequence[tuple[int, bytes, int]],
+    notes: bytes = PVH_NOTES,
+    *,
+    tail: bytes = b"",
+    note_align: int = 4,
+    elf_class: int = 2,
+) -> bytes:
+    """A little-endian ELF64 like an x86 vmlinux: PT_LOAD per (paddr, file data, memsz), then a PT_NOTE
+    (its data inside the first segment's, as in the kernel), a section header table and tail (relocs)."""
+    phnum = len(segments) + 1
+    offsets = []
+    pos = 0x1000
+    for _, data, _ in segments:
+        offsets.append(pos)
+        pos += -(-len(data) // 0x1000) * 0x1000 or 0x1000
+    shoff = pos
+    sections = b"\0" * 64 * 3  # the contents do not matter to the loader
+    header = struct.pack(
+        "<16sHHIQQQIHHHHHH",
+        b"\x7fELF" + bytes([elf_class, 1, 1]) + b"\0" * 9,
+        2, 62, 1, 0x1000000, 64, shoff, 0, 64, 56, phnum, 64, 3, 2,
+    )  # fmt: skip
+    phdrs = b""
+    for (paddr, data, memsz), off in zip(segments, offsets, strict=True):
+        phdrs += struct.pack("<IIQQQQQQ", PT_LOAD, 5, off, paddr | 0xFFFFFFFF80000000, paddr, len(data), memsz, 0x1000)
+    note_off = offsets[0] + 16
+    phdrs += struct.pack("<IIQQQQQQ", PT_NOTE, 4, note_off, 0, 0, len(notes), len(notes), note_align)
+    out = bytearray(header + phdrs)
+    for (_, data, _), off in zip(segments, offsets, strict=True):
+        out += b"\0" * (off - len(out)) + data
+    out[note_off : note_off + len(notes)] = notes
+    out += b"\0" * (shoff - len(out)) + sections + tail
+    return bytes(out)
+
+
+def _loaded(elf: bytes) -> dict[int, bytes]:
+    """What an ELF loader (QEMU's -kernel) puts into guest memory: paddr -> p_memsz bytes."""
+    memory = {}
+    for ph in elf64_program_headers(elf):
+        if ph.type == PT_LOAD:
+            data = elf[ph.offset : ph.offset + ph.filesz]
+            memory[ph.paddr] = data + b"\0" * (ph.memsz - len(data))
+    return memory
+
+
+TEXT = b"\x55\x48\x89\xe5" * 64 + b"\0" * 16 + b"\xc3" + b"\0" * 300  # code, then zeros up to the end
+DATA = b"\1\2\3" + b"\0" * 5000  # data, then .bss stored as zeros in the file
+VMLINUX_ELF = _elf([(0x1000000, TEXT, len(TEXT)), (0x2000000, DATA, 0x8000)], tail=b"RELOCS" * 100)
+
+
+def _bzimage(*payloads: bytes) -> bytes:
+    """A stand-in for vmlinuz: setup code, the decompressor (holding a stray xz magic), payloads."""
+    return b"MZ" + b"\0" * 510 + b"HdrS" + b"\x90" * 100 + XZ_MAGIC + b"decoder" + b"".join(payloads)
+
+
+def _xz(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+
+
+def test_extract_vmlinux_finds_the_elf_payload() -> None:
+    # Not every xz stream is the kernel: one that decodes to something else is skipped too.
+    bzimage = _bzimage(_xz(b"not a kernel"), _xz(VMLINUX_ELF), b"\x00\x10\x00\x00", XZ_MAGIC)
+    assert extract_vmlinux(bzimage) == VMLINUX_ELF
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        gzip.compress(VMLINUX_ELF),  # a kernel built with another compressor
+        _xz(VMLINUX_ELF)[:-100],  # truncated stream
+        b"",
+    ],
+)
+def test_extract_vmlinux_without_xz_elf(payload: bytes) -> None:
+    assert extract_vmlinux(_bzimage(payload)) is None
+
+
+def test_elf_notes() -> None:
+    assert list(elf_notes(PVH_NOTES)) == [
+        (b"Xen", 6, b"linux\0"),
+        (b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, PVH_ENTRY.to_bytes(8, "little")),
+        (b"GNU", 3, b"\x12" * 20),
+    ]
+    aligned8 = _note(b"Xen", 6, b"linux\0", 8) + _note(b"Xen", 18, b"\1\0\0\0", 8)
+    assert [n[1:] for n in elf_notes(aligned8, 8)] == [(6, b"linux\0"), (18, b"\1\0\0\0")]
+    assert list(elf_notes(PVH_NOTES[:30])) == [(b"Xen", 6, b"linux\0")]  # a cut note is ignored
+
+
+def test_pvh_entry() -> None:
+    assert pvh_entry(VMLINUX_ELF) == PVH_ENTRY
+    four_bytes = _note(b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, PVH_ENTRY.to_bytes(4, "little"))
+    assert pvh_entry(_elf([(0x1000000, TEXT, len(TEXT))], four_bytes)) == PVH_ENTRY
+    eight_aligned = _note(b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, PVH_ENTRY.to_bytes(8, "little"), 8)
+    assert pvh_entry(_elf([(0x1000000, TEXT, len(TEXT))], eight_aligned, note_align=8)) == PVH_ENTRY
+
+
+@pytest.mark.parametrize(
+    "elf",
+    [
+        _elf([(0x1000000, TEXT, len(TEXT))], _note(b"Xen", 6, b"linux\0")),  # Xen notes, but no PVH entry
+        _elf([(0x1000000, TEXT, len(TEXT))], _note(b"Lnx", 18, PVH_ENTRY.to_bytes(8, "little"))),  # not Xen's
+        _elf([(0x1000000, TEXT, len(TEXT))], _note(b"Xen", 18, b"\0" * 8)),  # entry 0
+        _elf([(0x1000000, TEXT, len(TEXT))], elf_class=1),  # ELF32 headers are laid out differently
+        VMLINUX_ELF[:100],  # program headers cut off
+        b"MZ" + VMLINUX_ELF[2:],
+    ],
+)
+def test_pvh_entry_missing(elf: bytes) -> None:
+    assert pvh_entry(elf) is None
+
+
+def test_trim_elf_keeps_what_is_loaded() -> None:
+    trimmed = trim_elf(VMLINUX_ELF)
+    assert _loaded(trimmed) == _loaded(VMLINUX_ELF)
+    assert pvh_entry(trimmed) == PVH_ENTRY
+    headers = elf64_program_headers(trimmed)
+    # The zeros after the data segment's last byte, the section headers and the relocs are gone.
+    data_segment = headers[1]
+    assert data_segment.filesz == 3 and data_segment.memsz == 0x8000
+    assert len(trimmed) == data_segment.offset + 3
+    assert headers[0].filesz == len(TEXT.rstrip(b"\0"))
+    e_shoff, _, _, _, _, _, e_shnum, e_shstrndx = struct.unpack_from("<QIHHHHHH", trimmed, 40)
+    assert (e_shoff, e_shnum, e_shstrndx) == (0, 0, 0)
+    assert trim_elf(trimmed) == trimmed
+
+
+def test_trim_elf_keeps_notes_past_the_last_segment() -> None:
+    # A PT_NOTE outside every PT_LOAD, at the very end of the file, must stay in it.
+    elf = bytearray(VMLINUX_ELF)
+    notes_at = len(elf)
+    elf += PVH_NOTES
+    phdr = 64 + 2 * 56
+    struct.pack_into("<Q", elf, phdr + 8, notes_at)
+    trimmed = trim_elf(bytes(elf))
+    assert trimmed.endswith(PVH_NOTES)
+    assert pvh_entry(trimmed) == PVH_ENTRY
+
+
+@pytest.mark.parametrize(
+    "elf",
+    [
+        VMLINUX_ELF[:0x1200],  # the first segment's data is cut off
+        VMLINUX_ELF[:200],  # so is the program header table
+        b"\x7fELF" + bytes([1, 1]) + VMLINUX_ELF[6:],  # 32-bit
+        b"\x7fELF" + bytes([2, 2]) + VMLINUX_ELF[6:],  # big-endian
+        b"\x7fELF",
+    ],
+)
+def test_trim_elf_rejects_what_it_cannot_parse(elf: bytes) -> None:
+    with pytest.raises(DemoBuildError):
+        trim_elf(elf)
+
+
+def test_install_kernel_ships_the_trimmed_pvh_elf(tmp_path: Path) -> None:
+    vmlinuz = tmp_path / "vmlinuz-6.1.0-9-amd64"
+    vmlinuz.write_bytes(_bzimage(_xz(VMLINUX_ELF)))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert demo._install_kernel(vmlinuz, out) == {"kernel_format": "elf-pvh", "pvh_entry": hex(PVH_ENTRY)}
+    assert sorted(p.name for p in out.iterdir()) == [VMLINUX]
+    assert (out / VMLINUX).read_bytes() == trim_elf(VMLINUX_ELF)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_xz(_elf([(0x1000000, TEXT, len(TEXT))], _note(b"Xen", 6, b"linux\0"))), "PVH"),
+        (_xz(_elf([(0x1000000, TEXT, len(TEXT))], elf_class=1)), "PVH"),  # not an ELF64 it can read
+        (gzip.compress(VMLINUX_ELF), "xz"),
+    ],
+)
+def test_install_kernel_falls_back_to_the_bzimage(tmp_path: Path, payload: bytes, reason: str) -> None:
+    vmlinuz = tmp_path / "vmlinuz-6.1.0-9-amd64"
+    vmlinuz.write_bytes(_bzimage(payload))
+    out = tmp_path / "out"
+    out.mkdir()
+    meta = demo._install_kernel(vmlinuz, out)
+    assert meta["kernel_format"] == "bzimage" and reason in meta["pvh_fallback"]
+    assert sorted(p.name for p in out.iterdir()) == [VMLINUZ]
+    assert (out / VMLINUZ).read_bytes() == vmlinuz.read_bytes()
 
 
 # ----------------------------------------------------------------------------------- cpio
@@ -298,7 +521,10 @@ def test_kernel_version_is_memoised_until_apt_lists_change(fake_host: Path, monk
     assert len(calls) == 2
 
 
-def test_cached_image_is_returned_without_building(fake_host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kernel", [VMLINUX, VMLINUZ])  # a kernel without PVH is shipped as vmlinuz
+def test_cached_image_is_returned_without_building(
+    fake_host: Path, monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
     monkeypatch.setattr(demo, "resolve_kernel_version", lambda cache_dir: "6.1.0-9-amd64")
     monkeypatch.setattr(proc, "run", _no_subprocess)
     key = cache_key(
@@ -306,12 +532,12 @@ def test_cached_image_is_returned_without_building(fake_host: Path, monkeypatch:
     )
     final = fake_host / f"demo-6.1.0-9-amd64-{key[:16]}"
     final.mkdir(parents=True)
-    for name in ("vmlinuz", "initrd.gz", "disk.qcow2"):
+    for name in (kernel, "initrd.gz", "disk.qcow2"):
         (final / name).write_bytes(b"x")
 
     messages: list[tuple[float, str]] = []
     image = demo.build_demo(fake_host, progress=lambda f, m: messages.append((f, m)))
-    assert image.kernel == final / "vmlinuz"
+    assert image.kernel == final / kernel
     assert image.initrd == final / "initrd.gz"
     assert image.disk == final / "disk.qcow2"
     assert image.kernel_version == "6.1.0-9-amd64"

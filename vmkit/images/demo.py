@@ -596,10 +596,9 @@ def _install_kernel(vmlinuz: Path, out: Path) -> dict[str, str]:
     if elf is None:
         fallback = "no xz-compressed ELF kernel in the bzImage"
     else:
-        elf = trim_elf(elf)
-        entry = pvh_entry(elf)
+        entry = pvh_entry(elf)  # None also for an ELF this module cannot parse (and so cannot trim)
         if entry is not None:
-            (out / VMLINUX).write_bytes(elf)
+            (out / VMLINUX).write_bytes(trim_elf(elf))
             return {"kernel_format": "elf-pvh", "pvh_entry": hex(entry)}
         fallback = "the uncompressed kernel has no Xen PVH entry note"
     shutil.copyfile(vmlinuz, out / VMLINUZ)

@@ -40,9 +40,16 @@ class ImageService:
         return self._store.image(check_name(name, "image")) if name else None
 
     def demo_ready(self) -> dict[str, Any] | None:
-        """The registered demo image if its files are all still there (then no build is needed)."""
+        """The registered demo image if it was built by the current recipe and its files are all still there
+        (then no build is needed). A newer recipe registers a new image; VMs made from the old one keep it."""
+        from vmkit.images.demo import RECIPE_VERSION
+
         img = self._store.image(DEMO)
-        if img and all(Path(img[k]).is_file() for k in ("kernel", "initrd", "disk")):
+        if (
+            img
+            and img.get("recipe") == RECIPE_VERSION
+            and all(Path(img[k]).is_file() for k in ("kernel", "initrd", "disk"))
+        ):
             return {"name": DEMO, **img}
         return None
 
@@ -51,11 +58,13 @@ class ImageService:
             ready = self.demo_ready()
             if ready:
                 return ready
-            from vmkit.images.demo import build_demo  # heavy-ish; only needed here
+            from vmkit.images.demo import RECIPE_VERSION, build_demo
 
             built = await asyncio.to_thread(build_demo, self._cache_dir, progress=progress)
             progress(0.95, "registering image")
-            dest = self._dir / DEMO / built.kernel_version
+            # Keyed by the build's cache dir name (kernel version + content hash): an old image stays intact
+            # for the VMs whose overlays use its disk as their backing file.
+            dest = self._dir / DEMO / built.disk.parent.name
             await asyncio.to_thread(_copy_files, dest, [built.kernel, built.initrd, built.disk])
             data = {
                 "kind": "kernel+initrd",
@@ -64,6 +73,7 @@ class ImageService:
                 "disk": str(dest / built.disk.name),
                 "cmdline": built.cmdline,
                 "kernel_version": built.kernel_version,
+                "recipe": RECIPE_VERSION,
             }
             self._store.put_image(DEMO, data)
             return {"name": DEMO, **data}
