@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -50,6 +52,16 @@ def test_shutdown_times_out_without_force_and_changes_nothing(tmp_path) -> None:
         assert d.vm("deaf")["state"] == "running"
         out = json.loads(d.cli("vm", "shutdown", "deaf", "--timeout", "0.3", "--force", "--json").stdout)
         assert (out["state"], out["reason"]) == ("shut off", "destroyed")
+        # A hard stop is not held up by a shutdown still waiting for the guest.
+        d.cli("vm", "start", "deaf")
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "vmkit", "vm", "shutdown", "deaf", "--timeout", "30"], env=d.env
+        )
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        d.cli("vm", "stop", "deaf", "--force")
+        assert time.monotonic() - t0 < 3
+        assert waiting.wait(5) == 0
     finally:
         d.cleanup()
 

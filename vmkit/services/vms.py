@@ -467,12 +467,13 @@ class VmService:
             await self._attach(vm)
             await vm.monitor.cont()  # type: ignore[union-attr]
         except Exception as e:
+            # Stop watching first: this failure is reported as "failed", not as a crash.
+            self._unwatch(vm)
             popen = vm.popen
             if vm.proc:
                 process.kill(vm.proc)
             if popen:
                 await asyncio.to_thread(popen.wait, 5)
-            self._unwatch(vm)
             if vm.monitor:
                 await vm.monitor.close()
                 vm.monitor = None
@@ -494,18 +495,22 @@ class VmService:
         """ACPI power-off; wait up to timeout_s for the guest to turn off, then fail (or hard-stop if force)."""
         vm = self._get(name)
         async with vm.lock:
-            if vm.state is VmState.SHUTOFF or vm.state is VmState.CRASHED:
+            if not vm.state.active:
                 raise Conflict(f"VM {name!r} is not running")
-            if vm.state is VmState.RUNNING and vm.monitor:
-                await _qmp(vm.monitor.system_powerdown())
+            asked = vm.state is VmState.RUNNING and vm.monitor is not None
+            if asked:
+                await _qmp(vm.monitor.system_powerdown())  # type: ignore[union-attr]
             elif not force:
                 raise Conflict(f"VM {name!r} is {vm.state}; a guest can only power off while running (use --force)")
-            if await self._wait_state(vm, lambda s: not s.active, timeout_s if vm.state is VmState.RUNNING else 0):
-                return vm.info()
-            if not force:
-                raise Timeout(f"VM {name!r} did not shut down within {timeout_s:g} s (use --force to stop it hard)")
-            await self._quit(vm)
+        # Waiting happens outside the lock, so a `stop --force` from elsewhere is not held up by it.
+        if await self._wait_state(vm, lambda s: not s.active, timeout_s if asked else 0):
             return vm.info()
+        if not force:
+            raise Timeout(f"VM {name!r} did not shut down within {timeout_s:g} s (use --force to stop it hard)")
+        async with vm.lock:
+            if vm.proc is not None and process.alive(vm.proc):
+                await self._quit(vm)
+        return vm.info()
 
     async def destroy(self, name: str) -> VmInfo:
         """Hard stop, like pulling the plug (virsh destroy)."""
