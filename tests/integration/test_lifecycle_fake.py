@@ -270,3 +270,36 @@ def test_hung_qemu_after_restart_is_crashed_but_stoppable(tmp_path) -> None:
         assert not process.alive(process.QemuProcess(pid, process.proc_start_time(pid) or -1))
     finally:
         d.cleanup()
+
+
+def test_host_reboot_means_shut_off_not_crashed(fake_daemon: Daemon) -> None:
+    import sqlite3
+
+    d = fake_daemon
+    pid = _create_start(d, "rb")["pid"]
+    d.kill9()
+    os.kill(pid, signal.SIGKILL)
+    db = sqlite3.connect(d.state_dir / "vmkit.db")
+    db.execute("UPDATE meta SET value = 'an-earlier-boot' WHERE key = 'boot_id'")
+    db.commit()
+    db.close()
+    d.start()
+    vm = d.vm("rb")
+    assert (vm["state"], vm["reason"]) == ("shut off", "host rebooted")
+
+
+def test_socket_path_too_long_is_a_clear_error(tmp_path) -> None:
+    from tests.conftest import FAKE_QEMU
+
+    deep = tmp_path / ("r" * 60)
+    d = Daemon(tmp_path, {"VMKIT_QEMU": str(FAKE_QEMU), "VMKIT_RUN_DIR": str(deep)})
+    d.start()
+    try:
+        name = "n" * 40
+        d.cli("vm", "create", name)
+        res = d.cli("vm", "start", name, check=False)
+        assert res.returncode == 1 and "over the kernel's 107" in res.stderr
+        assert d.vm(name)["state"] == "shut off"
+        assert not (deep / "vms" / name).exists()
+    finally:
+        d.cleanup()

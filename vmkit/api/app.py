@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -10,6 +12,8 @@ from vmkit import __version__
 from vmkit.api import images, system, vms
 from vmkit.api.deps import Services
 from vmkit.errors import VmkitError
+
+log = logging.getLogger(__name__)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -30,6 +34,12 @@ def create_app(svc: Services) -> FastAPI:
     @app.exception_handler(VmkitError)
     async def _vmkit_error(_: Request, exc: VmkitError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: keep the daemon up, log the traceback, give the client something readable.
+        log.exception("unhandled error")
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -58,6 +58,10 @@ _QEMU_STATES = {
 }
 
 
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
 class QmpFailed(VmkitError):
     status = 502
 
@@ -114,6 +118,13 @@ def _host_memory_mib() -> int:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) // 1024
     return 0
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def _mac() -> str:
@@ -185,9 +196,16 @@ class VmService:
         rows = self._store.vms()
         known = {r.spec.name for r in rows}
         self._remove_orphans(known)
+        # After a host reboot no QEMU can have survived: VMs that were up were shut off with the host, not
+        # crashed. The kernel's boot id tells the two apart even when the run dir is not a tmpfs.
+        boot_id = _boot_id()
+        rebooted = self._store.get_meta("boot_id") not in (None, boot_id)
+        self._store.set_meta("boot_id", boot_id)
         for row in rows:
             vm = VmRuntime(row.spec, row.autostart, row.state, row.reason, self.paths(row.spec.name))
             self._vms[row.spec.name] = vm
+            if rebooted and vm.state.active:
+                self._set_state(vm, VmState.SHUTOFF, "host rebooted")
         await asyncio.gather(*(self._reattach(vm) for vm in self._vms.values()))
 
     def _remove_orphans(self, known: set[str]) -> None:
@@ -452,17 +470,28 @@ class VmService:
 
     async def _launch(self, vm: VmRuntime) -> None:
         paths = vm.paths
-        shutil.rmtree(paths.run_dir, ignore_errors=True)
-        paths.run_dir.mkdir(parents=True, mode=0o700)
-        paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        paths.qemu_log.write_bytes(b"")
+        longest = max(len(str(p)) for p in (paths.qmp_sock, paths.serial_sock, paths.qga_sock, paths.vnc_sock))
+        if longest > MAX_SOCKET_PATH:
+            raise Conflict(
+                f"cannot start {vm.spec.name!r}: its socket paths under {paths.run_dir} would be {longest} bytes, "
+                f"over the kernel's {MAX_SOCKET_PATH}; use a shorter run dir or VM name"
+            )
         vm.shutdown_reason, vm.quit_requested, vm.reboot_pending, vm.agent = None, False, False, False
-        sock = listen_unix(paths.qmp_sock)
         try:
-            argv = qemu_argv(vm.spec, paths, self._host, qmp_fd=sock.fileno())
-            vm.proc, vm.popen = process.spawn(argv, paths, sock)
-        finally:
-            sock.close()
+            shutil.rmtree(paths.run_dir, ignore_errors=True)
+            paths.run_dir.mkdir(parents=True, mode=0o700)
+            paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            paths.qemu_log.write_bytes(b"")
+            sock = listen_unix(paths.qmp_sock)
+            try:
+                argv = qemu_argv(vm.spec, paths, self._host, qmp_fd=sock.fileno())
+                vm.proc, vm.popen = process.spawn(argv, paths, sock)
+            finally:
+                sock.close()
+        except (OSError, ValueError) as e:
+            shutil.rmtree(paths.run_dir, ignore_errors=True)
+            self._set_state(vm, VmState.SHUTOFF, "failed")
+            raise VmkitError(f"cannot start {vm.spec.name!r}: {e}") from e
         try:
             await self._attach(vm)
             await vm.monitor.cont()  # type: ignore[union-attr]

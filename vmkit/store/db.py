@@ -57,6 +57,13 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
     # VMs
     def add_vm(self, spec: VmSpec, *, autostart: bool) -> None:
         self._db.execute(
