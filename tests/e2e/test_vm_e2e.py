@@ -66,6 +66,11 @@ def test_lifecycle(daemon: Daemon) -> None:
     assert d.vm("life")["state"] == "paused"
     assert json.loads(d.cli("vm", "resume", "life", "--json").stdout)["state"] == "running"
     assert _exec(d, "life", "echo", "after-resume")["stdout"] == "after-resume\n"
+    # The NIC got its address from QEMU's restricted user-mode DHCP.
+    deadline = time.monotonic() + 30
+    while "10.0.2.15" not in (addr := _exec(d, "life", "ip", "-4", "addr", "show", "eth0")["stdout"]):
+        assert time.monotonic() < deadline, addr
+        time.sleep(0.5)
     out = json.loads(d.cli("vm", "shutdown", "life", "--timeout", "60", "--json").stdout)
     assert (out["state"], out["reason"]) == ("shut off", "shutdown")
     assert out["pid"] is None
@@ -196,6 +201,21 @@ def test_bad_input_is_refused_and_changes_nothing(daemon: Daemon, args: list[str
     assert message in res.stderr, res.stderr
     after = (sorted(v["name"] for v in d.api.get("/v1/vms")), sorted(p.name for p in (d.state_dir / "vms").iterdir()))
     assert after == before
+
+
+def test_host_check(daemon: Daemon) -> None:
+    report = json.loads(daemon.cli("host", "check", "--json").stdout)
+    cpu_has_virt = any(f in Path("/proc/cpuinfo").read_text().split() for f in ("vmx", "svm"))
+    assert report["qemu_version"] and report["accelerators"]["tcg"]["usable"]
+    if not cpu_has_virt:
+        # These machines: /dev/kvm exists, the CPU has no vmx/svm, so KVM must not be trusted.
+        assert report["accelerators"]["kvm"]["usable"] is False
+        assert report["accelerator"] == "tcg"
+    assert {c["name"] for c in report["checks"]} >= {"tun", "bridge", "nftables", "cgroups", "seccomp"}
+    # The daemon uses what the check chose.
+    assert daemon.api.get("/v1")["accelerator"] == report["accelerator"]
+    served = daemon.api.get("/v1/host")
+    assert served["accelerator"] == report["accelerator"]
 
 
 def test_api_rejects_unknown_fields_with_4xx(daemon: Daemon) -> None:

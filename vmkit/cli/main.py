@@ -229,6 +229,9 @@ def wait_operation(c: Client, op: dict[str, Any], label: str, quiet: bool) -> di
 def image_demo(c: Client, a: argparse.Namespace) -> int:
     t0 = time.monotonic()
     res = c.post("/v1/images/demo")
+    if "operation" in res and a.no_wait:
+        op = res["operation"]
+        return emit(a, op, f"building the demo guest: operation {op['id']} (GET /v1/operations/{op['id']})")
     if "operation" in res:
         image = wait_operation(c, res["operation"], "building demo guest", a.json)["result"]
     else:
@@ -370,7 +373,8 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
 
     image = nouns.add_parser("image", help="images VMs boot from").add_subparsers(dest="verb", required=True)
     add(image, "list", image_list, "list images")
-    add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
+    sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
+    sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
 
     host = nouns.add_parser("host", help="this host").add_subparsers(dest="verb", required=True)
     add(host, "check", host_check, "check virtualization support (like virt-host-validate)")

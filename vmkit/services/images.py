@@ -26,6 +26,9 @@ class ImageService:
         self._dir = state_dir / "images"
         self._cache_dir = cache_dir
         self._lock = asyncio.Lock()
+        # A registration cut short by a crash leaves only a *.tmp copy; nothing refers to it.
+        for tmp in self._dir.glob("*/*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def list(self) -> list[dict[str, Any]]:
         return [{"name": n, **d} for n, d in self._store.images().items()]
