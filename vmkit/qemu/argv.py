@@ -29,10 +29,11 @@ def opt(value: str) -> str:
 
 @dataclass(frozen=True)
 class RuntimePaths:
-    """Where one VM's runtime files live. Sockets and pid are in the run dir; logs persist in the state dir."""
+    """Where one VM's files live: sockets, pid and argv in its run dir (gone when QEMU ends); disks and logs
+    in its vm dir under the state dir (kept until the VM is deleted)."""
 
     run_dir: Path
-    log_dir: Path
+    vm_dir: Path
 
     @property
     def qmp_sock(self) -> Path:
@@ -64,11 +65,11 @@ class RuntimePaths:
 
     @property
     def serial_log(self) -> Path:
-        return self.log_dir / "serial.log"
+        return self.vm_dir / "serial.log"
 
     @property
     def qemu_log(self) -> Path:
-        return self.log_dir / "qemu.log"
+        return self.vm_dir / "qemu.log"
 
 
 @dataclass(frozen=True)

@@ -336,10 +336,10 @@ class VmService:
             if vm.reboot_pending and data.get("guest"):
                 # Fake reboot (as libvirt does): the guest powered off on our ACPI request; reset and run it.
                 vm.reboot_pending = False
-                with contextlib.suppress(Exception):
-                    assert vm.monitor is not None
-                    await vm.monitor.system_reset()
-                    await vm.monitor.cont()
+                if vm.monitor:
+                    with contextlib.suppress(Exception):
+                        await vm.monitor.system_reset()
+                        await vm.monitor.cont()
                 return
             if vm.shutdown_reason is None:  # the first SHUTDOWN names the cause; our own `quit` follows it
                 vm.shutdown_reason = "guest-shutdown" if data.get("guest") else str(data.get("reason", "host"))
@@ -404,9 +404,9 @@ class VmService:
             paths = self.paths(req.name)
             with Reverter() as rev:
                 if base_disk or req.disk_size_bytes:
-                    paths.log_dir.mkdir(parents=True, mode=0o700)
-                    rev.add(lambda: shutil.rmtree(paths.log_dir, ignore_errors=True))
-                    disk = paths.log_dir / "disk0.qcow2"
+                    paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    rev.add(lambda: shutil.rmtree(paths.vm_dir, ignore_errors=True))
+                    disk = paths.vm_dir / "disk0.qcow2"
                     await asyncio.to_thread(_create_disk, disk, base_disk, req.disk_size_bytes)
                     spec_disks.append(DiskSpec(path=str(disk), format="qcow2", backing_image=req.image))
                 spec = VmSpec(
@@ -444,7 +444,7 @@ class VmService:
                         log.info("kept disk of %s at %s", name, kept)
             self._store.delete_vm(name)
             del self._vms[name]
-            shutil.rmtree(vm.paths.log_dir, ignore_errors=True)
+            shutil.rmtree(vm.paths.vm_dir, ignore_errors=True)
             shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
             self._bus.publish("vm-deleted", vm=name)
 
@@ -480,7 +480,7 @@ class VmService:
         try:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
             paths.run_dir.mkdir(parents=True, mode=0o700)
-            paths.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             paths.qemu_log.write_bytes(b"")
             sock = listen_unix(paths.qmp_sock)
             try:
