@@ -153,6 +153,9 @@ def main() -> None:
     if os.environ.get("FAKE_QEMU_FAIL"):
         sys.stderr.write("qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n")
         sys.exit(1)
+    if "-pidfile" in argv:
+        with open(argv[argv.index("-pidfile") + 1], "w") as f:
+            f.write(f"{os.getpid()}\n")
     log = opt_value(argv, "-chardev", "logfile", "serial0")
     if log:
         with open(log, "w") as f:

@@ -116,6 +116,16 @@ def test_daemon_kill9_and_restart_reattaches(fake_daemon: Daemon) -> None:
     assert d.cli("vm", "stop", "x1", "--force").returncode == 0
 
 
+def test_daemon_died_before_writing_pid_file(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    pid = _create_start(d, "np")["pid"]
+    d.kill9()
+    (d.run_dir / "vms" / "np" / "pid").unlink()
+    d.start()
+    vm = d.vm("np")
+    assert (vm["state"], vm["pid"]) == ("running", pid)  # found through QEMU's own -pidfile
+
+
 def test_vanished_while_daemon_down(fake_daemon: Daemon) -> None:
     d = fake_daemon
     killed = _create_start(d, "gone")["pid"]

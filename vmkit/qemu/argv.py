@@ -56,6 +56,10 @@ class RuntimePaths:
         return self.run_dir / "pid"
 
     @property
+    def qemu_pid_file(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
     def argv_file(self) -> Path:
         return self.run_dir / "argv.json"
 
@@ -98,6 +102,7 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, *, qmp_fd: in
         "-smp", str(spec.vcpus),
         "-sandbox", SANDBOX,
         "-msg", "timestamp=on",
+        "-pidfile", str(paths.qemu_pid_file),
         "-S",
         "-no-shutdown",
         "-chardev", f"socket,id=mon0,fd={qmp_fd},server=on,wait=off",

@@ -76,7 +76,21 @@ def read_pid(paths: RuntimePaths) -> QemuProcess | None:
         pid_s, start_s = paths.pid_file.read_text().split()
         return QemuProcess(int(pid_s), int(start_s))
     except (OSError, ValueError):
+        pass
+    # The daemon may have died between spawning QEMU and writing its pid file. QEMU writes its own
+    # (-pidfile) before it serves QMP; trust that pid only if the process's argv carries our argv file's
+    # -uuid, so a recycled pid is never taken for our QEMU.
+    try:
+        pid = int(paths.qemu_pid_file.read_text().split()[0])
+        argv = json.loads(paths.argv_file.read_text())
+        uuid = argv[argv.index("-uuid") + 1]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
         return None
+    start = proc_start_time(pid)
+    if uuid.encode() not in cmdline or start is None:
+        return None
+    return QemuProcess(pid, start)
 
 
 def kill(proc: QemuProcess) -> None:
