@@ -12,6 +12,7 @@ import fcntl
 import grp
 import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,20 @@ async def serve(cfg: DaemonConfig) -> None:
     app = create_app(svc)
     sock = _bind_api_socket(cfg.socket)
     server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, ws="websockets-sansio")
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            ws="websockets-sansio",
+            # Open consoles and event streams must not keep a stopping daemon alive (VMs are unaffected).
+            timeout_graceful_shutdown=3,
+        )
     )
+    # uvicorn re-raises the stop signal once it has shut down; a no-op handler here lets that land without
+    # killing the process, so the clean-up below (detach from QEMUs, close the store) runs.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     autostart = asyncio.create_task(vms.autostart(cfg.run_dir / "autostart.done"))
     log.info("vmkit daemon listening on %s (state %s)", cfg.socket, cfg.state_dir)
     try:

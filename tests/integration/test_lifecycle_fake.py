@@ -313,3 +313,20 @@ def test_socket_path_too_long_is_a_clear_error(tmp_path) -> None:
         assert not (deep / "vms" / name).exists()
     finally:
         d.cleanup()
+
+
+def test_daemon_stops_cleanly_with_clients_attached(fake_daemon: Daemon) -> None:
+    from websockets.sync.client import unix_connect
+
+    d = fake_daemon
+    pid = _create_start(d, "stay")["pid"]
+    with unix_connect(str(d.socket), "ws://localhost/v1/events"):
+        assert d.proc is not None
+        proc = d.proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+        d.proc = None
+    assert not d.socket.exists()
+    os.kill(pid, 0)  # the VM is not the daemon's to stop
+    d.start()
+    assert d.vm("stay")["state"] == "running"

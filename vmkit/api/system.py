@@ -36,15 +36,25 @@ async def events(ws: WebSocket) -> None:
     svc = ws_services(ws)
     await ws.accept()
     q = svc.bus.subscribe()
-    try:
-        while True:
-            ev = await q.get()
-            if ev is None:  # dropped for being too slow
-                break
+
+    async def forward() -> None:
+        while (ev := await q.get()) is not None:  # None: dropped for being too slow
             await ws.send_json(ev)
-    except (WebSocketDisconnect, asyncio.CancelledError, RuntimeError):
+
+    async def until_closed() -> None:
+        # Also read, so a client that leaves (or a daemon shutting down) ends this handler even while
+        # no events flow.
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass
+
+    tasks = [asyncio.create_task(forward()), asyncio.create_task(until_closed())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    except (WebSocketDisconnect, RuntimeError):
         pass
     finally:
+        for t in tasks:
+            t.cancel()
         svc.bus.unsubscribe(q)
         with contextlib.suppress(Exception):
             await ws.close()
