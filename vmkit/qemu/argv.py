@@ -65,7 +65,7 @@ class RuntimePaths:
 
     @property
     def qmp_log(self) -> Path:
-        return self.run_dir / "qmp.log"
+        return self.vm_dir / "qmp.log"
 
     @property
     def serial_log(self) -> Path:

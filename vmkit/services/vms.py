@@ -481,7 +481,8 @@ class VmService:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
             paths.run_dir.mkdir(parents=True, mode=0o700)
             paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            paths.qemu_log.write_bytes(b"")
+            paths.qemu_log.write_bytes(b"")  # both logs hold one run: the latest
+            paths.qmp_log.write_bytes(b"")
             sock = listen_unix(paths.qmp_sock)
             try:
                 argv = qemu_argv(vm.spec, paths, self._host, qmp_fd=sock.fileno())
