@@ -76,10 +76,13 @@ class Daemon:
                 self.proc.wait(5)
             self.proc = None
 
-    def cli(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, timeout_s: float = 120, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
             [sys.executable, "-m", "vmkit", *args],
             env=self.env,
+            input=stdin if stdin is not None else "",
             capture_output=True,
             text=True,
             timeout=timeout_s,

@@ -60,6 +60,7 @@ def test_lifecycle(daemon: Daemon) -> None:
     d.cli("vm", "wait", "life", "--for", "agent", "--timeout", "60")
     res = d.cli("vm", "exec", "life", "--", "uname", "-r")
     assert res.stdout.strip() == image["kernel_version"]
+    assert d.cli("vm", "exec", "life", "--stdin", "--", "tr", "a-z", "A-Z", stdin="piped in\n").stdout == "PIPED IN\n"
     # The guest's exit status becomes the CLI's.
     assert d.cli("vm", "exec", "life", "--", "sh", "-c", "exit 7", check=False).returncode == 7
     assert json.loads(d.cli("vm", "pause", "life", "--json").stdout)["state"] == "paused"

@@ -302,7 +302,7 @@ def _wanted(argv: list[str]) -> tuple[str, str] | None:
 
 def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmkit", description="Manage QEMU/KVM virtual machines.")
-    p.add_argument("--socket", dest="api_socket", help="daemon socket (env VMKIT_SOCKET)")
+    p.add_argument("--socket", dest="api_socket", metavar="PATH", help="daemon socket (env VMKIT_SOCKET)")
     real_nouns = p.add_subparsers(dest="noun", required=True, metavar="COMMAND")
 
     class _Nouns:
