@@ -528,6 +528,7 @@ class VmService:
             if not vm.state.active:
                 raise Conflict(f"VM {name!r} is not running")
             asked = vm.state is VmState.RUNNING and vm.monitor is not None
+            vm.reboot_pending = False  # an earlier reboot the guest ignored must not turn this into one
             if asked:
                 await _qmp(vm.monitor.system_powerdown())  # type: ignore[union-attr]
             elif not force:
