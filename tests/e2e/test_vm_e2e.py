@@ -187,6 +187,7 @@ def test_daemon_killed_vms_survive_and_crash_is_noticed(daemon: Daemon) -> None:
         (["vm", "create", "x", "--vcpus", "0"], "vcpus"),
         (["vm", "create", "x", "--vcpus", "100000"], "vcpus"),
         (["vm", "create", "x", "--image", "no-such-image"], "no image named"),
+        (["vm", "create", "x", "--image", "a,b"], "invalid image name"),
         (["vm", "create", "x", "--kernel", "/nonexistent/vmlinuz"], "does not exist"),
         (["vm", "create", "x", "--disk", "lots"], "invalid size"),
         (["vm", "create", "dup"], "already exists"),

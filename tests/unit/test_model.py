@@ -34,6 +34,7 @@ def test_bad_names(name: str) -> None:
         {"kernel": "relative/path"},
         {"cmdline": "a\nb"},
         {"disk_size_bytes": 0},
+        {"image": "../etc"},
     ],
 )
 def test_bad_create_fields(fields: dict) -> None:

@@ -101,6 +101,11 @@ class CreateVm(_Strict):
     def _name(cls, v: str) -> str:
         return check_name(v)
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "image")
+
     @field_validator("kernel", "initrd")
     @classmethod
     def _abs_path(cls, v: str | None) -> str | None:
