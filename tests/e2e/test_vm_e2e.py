@@ -227,4 +227,10 @@ def test_api_rejects_unknown_fields_with_4xx(daemon: Daemon) -> None:
     with pytest.raises(ApiError) as e:
         daemon.api.post("/v1/vms", {"name": "u", "memory_mib": "lots"})
     assert e.value.status == 400
+    with pytest.raises(ApiError) as e:
+        daemon.api.post("/v1/vms", {"name": "u", "vcpus": True})
+    assert e.value.status == 400
+    with pytest.raises(ApiError) as e:
+        daemon.api.request("PATCH", "/v1/vms")
+    assert e.value.status == 405 and e.value.message == "Method Not Allowed"
     assert all(v["name"] != "u" for v in daemon.api.get("/v1/vms"))

@@ -35,6 +35,9 @@ def test_bad_names(name: str) -> None:
         {"cmdline": "a\nb"},
         {"disk_size_bytes": 0},
         {"image": "../etc"},
+        {"vcpus": True},
+        {"memory_mib": "512"},
+        {"autostart": "yes"},
     ],
 )
 def test_bad_create_fields(fields: dict) -> None:

@@ -20,18 +20,18 @@ Svc = Annotated[Services, Depends(services)]
 
 
 class ShutdownRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     force: bool = False
 
 
 class AutostartRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     enabled: bool
 
 
 class ExecRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     argv: Annotated[list[str], Field(min_length=1)]
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     input_b64: str | None = None

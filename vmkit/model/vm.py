@@ -83,7 +83,9 @@ class VmSpec(_Strict):
 
 
 class CreateVm(_Strict):
-    """Request body of POST /v1/vms."""
+    """Request body of POST /v1/vms. Strict: `true` is not a vCPU count, "512" is not a size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: Annotated[str, Field(description="VM name: [A-Za-z0-9][A-Za-z0-9._-]{0,62}")]
     memory_mib: Annotated[int, Field(ge=MEMORY_MIB_MIN, le=MEMORY_MIB_MAX)] = 512
