@@ -331,3 +331,25 @@ def test_daemon_stops_cleanly_with_clients_attached(fake_daemon: Daemon) -> None
     os.kill(pid, 0)  # the VM is not the daemon's to stop
     d.start()
     assert d.vm("stay")["state"] == "running"
+
+
+def test_cli_events_follows_state_changes(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    d.cli("vm", "create", "watched")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "vmkit", "events", "--json"], env=d.env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(1.0)  # let it subscribe
+        d.cli("vm", "start", "watched")
+        d.cli("vm", "stop", "watched", "--force")
+        states = []
+        assert follower.stdout is not None
+        while "shut off" not in states:
+            ev = json.loads(follower.stdout.readline())
+            if ev["type"] == "vm-state" and ev["vm"] == "watched":
+                states.append(ev["state"])
+        assert states[0] == "running" and states[-1] == "shut off"
+    finally:
+        follower.kill()
+        follower.wait()

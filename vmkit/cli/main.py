@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import re
 import sys
@@ -240,6 +241,30 @@ def image_demo(c: Client, a: argparse.Namespace) -> int:
     return emit(a, image, f"image {image['name']} ready (kernel {image['kernel_version']}) in {took:.1f} s")
 
 
+def events(c: Client, a: argparse.Namespace) -> int:
+    """Follow the daemon's event stream (like `virsh event --all --loop`) until interrupted."""
+    import json
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import unix_connect
+
+    try:
+        ws = unix_connect(c.path, "ws://localhost/v1/events")
+    except OSError as e:
+        raise CliError(f"cannot reach the vmkit daemon at {c.path}: {e}") from e
+    with ws, contextlib.suppress(ConnectionClosed):
+        for msg in ws:
+            ev = json.loads(msg)
+            if a.json:
+                sys.stdout.write(json.dumps(ev) + "\n")
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(ev.pop("timestamp")))
+                kind = ev.pop("type")
+                sys.stdout.write(f"{stamp} {kind} " + " ".join(f"{k}={v}" for k, v in ev.items()) + "\n")
+            sys.stdout.flush()
+    return 0
+
+
 def host_check(c: Client, a: argparse.Namespace) -> int:
     from vmkit.host.check import host_check as check
 
@@ -287,6 +312,7 @@ VERBS = {
     "image": {"list", "demo"},
     "host": {"check"},
     "daemon": set(),
+    "events": set(),
 }  # fmt: skip
 
 
@@ -375,6 +401,10 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     add(image, "list", image_list, "list images")
     sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
     sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
+
+    sp = nouns.add_parser("events", help="follow VM state changes and operations as they happen")
+    sp.set_defaults(fn=events)
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
 
     host = nouns.add_parser("host", help="this host").add_subparsers(dest="verb", required=True)
     add(host, "check", host_check, "check virtualization support (like virt-host-validate)")
