@@ -47,6 +47,7 @@ class Operations:
     def __init__(self, bus: EventBus) -> None:
         self._bus = bus
         self._ops: dict[str, Operation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, kind: str, work: Callable[[Progress], Awaitable[Any]]) -> Operation:
         op = Operation(id=uuid.uuid4().hex, kind=kind)
@@ -69,7 +70,9 @@ class Operations:
             self._bus.publish("operation", operation=op.to_dict())
             self._trim()
 
-        asyncio.create_task(runner())
+        task = asyncio.create_task(runner())
+        self._tasks.add(task)  # the loop holds tasks only weakly
+        task.add_done_callback(self._tasks.discard)
         self._bus.publish("operation", operation=op.to_dict())
         return op
 
