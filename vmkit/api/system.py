@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, WebSocket
 
 from vmkit import __version__
 from vmkit.api.deps import Services, services, ws_services
+from vmkit.api.websocket import receive_until_closed, run_until_first_done
 
 router = APIRouter(prefix="/v1", tags=["system"])
 Svc = Annotated[Services, Depends(services)]
@@ -41,20 +40,8 @@ async def events(ws: WebSocket) -> None:
         while (ev := await q.get()) is not None:  # None: dropped for being too slow
             await ws.send_json(ev)
 
-    async def until_closed() -> None:
-        # Also read, so a client that leaves (or a daemon shutting down) ends this handler even while
-        # no events flow.
-        while (await ws.receive())["type"] != "websocket.disconnect":
-            pass
-
-    tasks = [asyncio.create_task(forward()), asyncio.create_task(until_closed())]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    except (WebSocketDisconnect, RuntimeError):
-        pass
+        # Also reading lets a client that leaves (or a stopping daemon) end this even while no events flow.
+        await run_until_first_done(ws, forward(), receive_until_closed(ws))
     finally:
-        for t in tasks:
-            t.cancel()
         svc.bus.unsubscribe(q)
-        with contextlib.suppress(Exception):
-            await ws.close()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Depends, Query, WebSocket
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmkit.api.deps import Services, services, ws_services
+from vmkit.api.websocket import run_until_first_done
 from vmkit.errors import VmkitError
 from vmkit.model.vm import CreateVm, VmInfo
 
@@ -131,37 +131,23 @@ async def vm_log(name: str, svc: Svc) -> Response:
 async def vm_console(ws: WebSocket, name: str) -> None:
     """Binary frames both ways between the client and the VM's serial port."""
     svc = ws_services(ws)
-    try:
-        cm = svc.vms.console(name)
-        reader, writer = await cm.__aenter__()
-    except VmkitError as e:
-        # Accept first so the client gets the reason in the close frame (a refused handshake has no body).
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            reader, writer = await stack.enter_async_context(svc.vms.console(name))
+        except VmkitError as e:
+            # Accept first so the client gets the reason in the close frame (a refused handshake has no body).
+            await ws.accept()
+            await ws.close(code=4000 + e.status, reason=e.message[:120])
+            return
         await ws.accept()
-        await ws.close(code=4000 + e.status, reason=e.message[:120])
-        return
-    await ws.accept()
 
-    async def to_client() -> None:
-        while data := await reader.read(65536):
-            await ws.send_bytes(data)
+        async def to_client() -> None:
+            while data := await reader.read(65536):
+                await ws.send_bytes(data)
 
-    async def to_guest() -> None:
-        while True:
-            msg = await ws.receive()
-            if msg["type"] == "websocket.disconnect":
-                return
-            data = msg.get("bytes") or (msg.get("text") or "").encode()
-            writer.write(data)
-            await writer.drain()
+        async def to_guest() -> None:
+            while (msg := await ws.receive())["type"] != "websocket.disconnect":
+                writer.write(msg.get("bytes") or (msg.get("text") or "").encode())
+                await writer.drain()
 
-    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_guest())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        for t in tasks:
-            t.cancel()
-        with contextlib.suppress(Exception):
-            await ws.close()
-        await cm.__aexit__(None, None, None)
+        await run_until_first_done(ws, to_client(), to_guest())
