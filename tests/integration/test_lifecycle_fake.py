@@ -353,3 +353,18 @@ def test_cli_events_follows_state_changes(fake_daemon: Daemon) -> None:
     finally:
         follower.kill()
         follower.wait()
+
+
+def test_leftovers_of_a_crashed_create_are_removed_on_start(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    d.cli("vm", "create", "real", "--disk", "1M")
+    d.kill9()
+    # What a daemon killed between writing a disk and writing its row would leave behind.
+    ghost = d.state_dir / "vms" / "ghost"
+    ghost.mkdir()
+    (ghost / "disk0.qcow2").write_bytes(b"half-made")
+    (d.run_dir / "vms" / "ghost").mkdir()
+    d.start()
+    assert not ghost.exists() and not (d.run_dir / "vms" / "ghost").exists()
+    assert (d.state_dir / "vms" / "real" / "disk0.qcow2").exists()
+    assert [v["name"] for v in d.api.get("/v1/vms")] == ["real"]
