@@ -104,10 +104,14 @@ class Daemon:
             time.sleep(0.02)
 
     def qemu_pids(self) -> list[int]:
+        """Every process whose command line points into this daemon's dirs (its QEMUs, real or fake),
+        found from /proc so a test that removed a pid file cannot leak one."""
+        root = str(self.root).encode()
         pids = []
-        for pidfile in (self.run_dir / "vms").glob("*/pid"):
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             with contextlib.suppress(OSError, ValueError):
-                pids.append(int(pidfile.read_text().split()[0]))
+                if root in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                    pids.append(int(cmdline.parent.name))
         return pids
 
     def cleanup(self) -> None:
