@@ -555,3 +555,27 @@ def test_failed_build_leaves_nothing_that_looks_finished(fake_host: Path, monkey
         demo.build_demo(fake_host)
     assert not list(fake_host.glob("demo-*"))
     assert not list(fake_host.glob(".demo-build-*"))
+
+
+def test_kernel_download_refreshes_stale_package_lists_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkit.errors import CommandFailed
+    from vmkit.util.proc import Result
+
+    calls: list[tuple[str, ...]] = []
+
+    def fake_run(argv: Sequence[str], **kw: object) -> Result:
+        calls.append(tuple(argv))
+        if argv[:2] == ["apt-get", "download"]:
+            if sum(c[:2] == ("apt-get", "download") for c in calls) == 1:
+                raise CommandFailed("apt-get failed: 404  Not Found")
+            cwd = kw["cwd"]
+            assert isinstance(cwd, Path)
+            (cwd / f"{argv[2]}_1.0_amd64.deb").write_bytes(b"deb")
+        return Result(tuple(argv), 0, "", "", 0.0)
+
+    monkeypatch.setattr(demo.proc, "run", fake_run)
+    work = tmp_path / "work"
+    work.mkdir()
+    deb = demo._fetch_kernel_deb(tmp_path, "6.1.0-99-amd64", work)
+    assert deb == tmp_path / "debs" / "linux-image-6.1.0-99-amd64_1.0_amd64.deb"
+    assert [c[:2] for c in calls] == [("apt-get", "download"), ("apt-get", "update"), ("apt-get", "download")]

@@ -33,7 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from vmkit.errors import VmkitError
+from vmkit.errors import CommandFailed, VmkitError
 from vmkit.util import proc
 
 CMDLINE = "console=ttyS0 quiet panic=-1"
@@ -468,7 +468,15 @@ def _fetch_kernel_deb(cache_dir: Path, version: str, work: Path) -> Path:
         return cached[-1]
     download = work / "download"
     download.mkdir()
-    proc.run(["apt-get", "download", package], cwd=download, timeout_s=1800)
+    try:
+        proc.run(["apt-get", "download", package], cwd=download, timeout_s=1800)
+    except CommandFailed:
+        # Package lists older than the archive name a revision the mirror no longer has: refresh them
+        # once and retry. (If even the kernel ABI moved on, the next build resolves the new version.)
+        for partial in download.iterdir():
+            partial.unlink()
+        proc.run(["apt-get", "update", "-q"], timeout_s=900)
+        proc.run(["apt-get", "download", package], cwd=download, timeout_s=1800)
     got = sorted(download.glob(f"{package}_*.deb"))
     if len(got) != 1:
         raise DemoBuildError(f"apt-get download {package} produced {len(got)} .deb files")
