@@ -76,7 +76,9 @@ def plain_qemu(argv: list[str], work: Path) -> tuple[float, float]:
             continue
         if a == "-S":
             continue
-        if a.startswith("socket,id=mon0,fd="):
+        if out and out[-1] == "-pidfile":
+            a = str(work / "qemu.pid")
+        elif a.startswith("socket,id=mon0,fd="):
             a = f"socket,id=mon0,fd={sock.fileno()},server=on,wait=off"
         elif a.startswith("socket,id=serial0,"):
             a = f"socket,id=serial0,path={work}/serial.sock,server=on,wait=off,logfile={log},logappend=off"
