@@ -117,14 +117,22 @@ def test_daemon_kill9_and_restart_reattaches(fake_daemon: Daemon) -> None:
     assert d.cli("vm", "stop", "x1", "--force").returncode == 0
 
 
-def test_daemon_died_before_writing_pid_file(fake_daemon: Daemon) -> None:
+def test_recycled_pid_is_not_taken_for_our_qemu(fake_daemon: Daemon) -> None:
     d = fake_daemon
     pid = _create_start(d, "np")["pid"]
     d.kill9()
-    (d.run_dir / "vms" / "np" / "pid").unlink()
-    d.start()
-    vm = d.vm("np")
-    assert (vm["state"], vm["pid"]) == ("running", pid)  # found through QEMU's own -pidfile
+    os.kill(pid, signal.SIGKILL)
+    # As if the pid had been reused meanwhile: a live process that is not this VM's QEMU.
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (d.run_dir / "vms" / "np" / "qemu.pid").write_text(f"{stranger.pid}\n")
+        d.start()
+        vm = d.vm("np")
+        assert (vm["state"], vm["pid"]) == ("crashed", None)
+        assert stranger.poll() is None  # never signalled
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_vanished_while_daemon_down(fake_daemon: Daemon) -> None:

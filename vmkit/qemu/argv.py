@@ -53,10 +53,7 @@ class RuntimePaths:
 
     @property
     def pid_file(self) -> Path:
-        return self.run_dir / "pid"
-
-    @property
-    def qemu_pid_file(self) -> Path:
+        """Written by QEMU itself (-pidfile)."""
         return self.run_dir / "qemu.pid"
 
     @property
@@ -102,7 +99,7 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, *, qmp_fd: in
         "-smp", str(spec.vcpus),
         "-sandbox", SANDBOX,
         "-msg", "timestamp=on",
-        "-pidfile", str(paths.qemu_pid_file),
+        "-pidfile", str(paths.pid_file),
         "-S",
         "-no-shutdown",
         "-chardev", f"socket,id=mon0,fd={qmp_fd},server=on,wait=off",

@@ -1,8 +1,9 @@
 """Launching QEMU so that it outlives the daemon, and finding it again afterwards.
 
 QEMU runs in its own session (setsid): a signal to the daemon's process group never reaches it, and if the
-daemon dies it is re-parented, not killed. The pid file holds "PID STARTTIME" (STARTTIME from
-/proc/PID/stat), so a recycled pid is never mistaken for our QEMU.
+daemon dies it is re-parented, not killed. QEMU writes its own pid file (-pidfile) before it serves QMP; the
+daemon trusts that pid only while the process's argv carries the VM's -uuid, so a recycled pid is never
+mistaken for our QEMU. Once found, a QemuProcess also pins the start time, so `alive` stays exact.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def alive(proc: QemuProcess) -> bool:
 
 
 def spawn(argv: list[str], paths: RuntimePaths, qmp_sock: socket.socket) -> tuple[QemuProcess, subprocess.Popen[bytes]]:
-    """Start QEMU detached from the daemon. Records argv and pid in the runtime dir."""
+    """Start QEMU detached from the daemon, recording its argv in the runtime dir (QEMU records its pid)."""
     paths.argv_file.write_text(json.dumps(argv))
     with open(paths.qemu_log, "ab") as log:
         popen = subprocess.Popen(  # noqa: S603 - argv list built by qemu_argv, no shell
@@ -60,28 +61,13 @@ def spawn(argv: list[str], paths: RuntimePaths, qmp_sock: socket.socket) -> tupl
             close_fds=True,
         )
     start = proc_start_time(popen.pid)
-    proc = QemuProcess(popen.pid, start if start is not None else -1)
-    write_pid(paths, proc)
-    return proc, popen
-
-
-def write_pid(paths: RuntimePaths, proc: QemuProcess) -> None:
-    tmp = paths.pid_file.with_suffix(".tmp")
-    tmp.write_text(f"{proc.pid} {proc.start_time}\n")
-    tmp.replace(paths.pid_file)
+    return QemuProcess(popen.pid, start if start is not None else -1), popen
 
 
 def read_pid(paths: RuntimePaths) -> QemuProcess | None:
+    """The QEMU recorded in paths, if it is still there and still ours."""
     try:
-        pid_s, start_s = paths.pid_file.read_text().split()
-        return QemuProcess(int(pid_s), int(start_s))
-    except (OSError, ValueError):
-        pass
-    # The daemon may have died between spawning QEMU and writing its pid file. QEMU writes its own
-    # (-pidfile) before it serves QMP; trust that pid only if the process's argv carries our argv file's
-    # -uuid, so a recycled pid is never taken for our QEMU.
-    try:
-        pid = int(paths.qemu_pid_file.read_text().split()[0])
+        pid = int(paths.pid_file.read_text().split()[0])
         argv = json.loads(paths.argv_file.read_text())
         uuid = argv[argv.index("-uuid") + 1]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
