@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.errors import NotFound
-from vmkit.model.vm import valid_name
 from vmkit.services.operations import Progress
 from vmkit.store.db import Store
 
@@ -40,7 +39,7 @@ class ImageService:
         return {"name": name, **img}
 
     def lookup(self, name: str) -> dict[str, Any] | None:
-        return self._store.image(name) if valid_name(name) else None
+        return self._store.image(name)
 
     def demo_ready(self) -> dict[str, Any] | None:
         """The registered demo image if it was built by the current recipe and its files are all still there

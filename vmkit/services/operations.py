@@ -14,6 +14,7 @@ from typing import Any
 
 from vmkit.errors import NotFound, VmkitError
 from vmkit.services.events import EventBus
+from vmkit.util.tasks import TaskSet
 
 Progress = Callable[[float, str], None]
 
@@ -47,7 +48,7 @@ class Operations:
     def __init__(self, bus: EventBus) -> None:
         self._bus = bus
         self._ops: dict[str, Operation] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
 
     def start(self, kind: str, work: Callable[[Progress], Awaitable[Any]]) -> Operation:
         op = Operation(id=uuid.uuid4().hex, kind=kind)
@@ -70,9 +71,7 @@ class Operations:
             self._bus.publish("operation", operation=op.to_dict())
             self._trim()
 
-        task = asyncio.create_task(runner())
-        self._tasks.add(task)  # the loop holds tasks only weakly
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(runner())
         self._bus.publish("operation", operation=op.to_dict())
         return op
 

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from vmkit.services.events import EventBus
 from vmkit.services.reverter import Reverter
 from vmkit.store.db import Store
 from vmkit.util.proc import run
+from vmkit.util.tasks import TaskSet
 from vmkit.util.unixsock import listen_unix
 
 log = logging.getLogger(__name__)
@@ -150,15 +151,9 @@ class VmService:
         self._image_lookup = image_lookup
         self._vms: dict[str, VmRuntime] = {}
         self._create_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = TaskSet()
         self._vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run coro as a task the service holds on to (the loop keeps only weak references to tasks)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # ----- queries -------------------------------------------------------------------------------
     def _get(self, name: str) -> VmRuntime:
@@ -309,7 +304,7 @@ class VmService:
 
     def _on_pidfd(self, vm: VmRuntime) -> None:
         self._unwatch(vm)
-        self._background(self._on_exit(vm))
+        self._background.spawn(self._on_exit(vm))
 
     async def _on_exit(self, vm: VmRuntime) -> None:
         status = vm.popen.poll() if vm.popen else None  # reaps our own child; None if not ours
@@ -353,7 +348,7 @@ class VmService:
                 self._set_state(vm, VmState.SHUTDOWN, vm.shutdown_reason)
             if data.get("guest"):
                 # -no-shutdown kept QEMU alive so we could record why; now let it go.
-                self._background(self._quit(vm))
+                self._background.spawn(self._quit(vm))
         elif event == qmp.EV_STOP:
             if vm.shutdown_reason is None and not vm.reboot_pending:
                 self._set_state(vm, VmState.PAUSED, "user")
@@ -364,7 +359,7 @@ class VmService:
         elif event == qmp.EV_GUEST_PANICKED:
             vm.shutdown_reason = "crashed"
             self._set_state(vm, VmState.CRASHED, "guest panicked")
-            self._background(self._quit(vm))
+            self._background.spawn(self._quit(vm))
         elif event == qmp.EV_VSERPORT_CHANGE and data.get("id") == "qga0":
             vm.agent = bool(data.get("open"))
             self._bus.publish("vm-agent", vm=vm.spec.name, connected=vm.agent)
