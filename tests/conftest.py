@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +21,24 @@ import pytest
 from vmkit.cli.client import ApiError, Client
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_QEMU = ROOT / "tests" / "fakes" / "fake_qemu.py"
 CACHE_DIR = Path(os.environ.get("VMKIT_TEST_CACHE", "/var/cache/vmkit-test"))
+# Per test session: the fake QEMU runs as a VM's unprivileged uid, which cannot reach a checkout in a
+# root-only directory (CI clones into one), so it runs from a copy anyone may read; and test daemons record
+# their id ranges here rather than in the host's registry.
+_SESSION = Path(tempfile.mkdtemp(prefix="vmkit-test-"))
+_SESSION.chmod(0o755)
+atexit.register(shutil.rmtree, _SESSION, True)
+FAKE_QEMU = _SESSION / "fake_qemu.py"
+shutil.copy(ROOT / "tests" / "fakes" / "fake_qemu.py", FAKE_QEMU)
+FAKE_QEMU.chmod(0o755)
+ID_REGISTRY = _SESSION / "id-ranges"
+_daemons = itertools.count()
+
+
+def unique_id_range(size: int = 256) -> str:
+    """An id range no other test daemon (of this or a parallel session) is using."""
+    first = 1_950_000_000 + ((os.getpid() % 4096) * 64 + next(_daemons) % 64) * size
+    return f"{first}:{size}"
 
 
 class Daemon:
@@ -35,6 +55,8 @@ class Daemon:
             "VMKIT_RUN_DIR": str(self.run_dir),
             "VMKIT_SOCKET": str(self.socket),
             "VMKIT_CACHE_DIR": str(CACHE_DIR),
+            "VMKIT_ID_RANGE": unique_id_range(),
+            "VMKIT_ID_REGISTRY": str(ID_REGISTRY),
             **(env or {}),
         }
         self.socket = Path(self.env["VMKIT_SOCKET"])

@@ -59,6 +59,8 @@ class Fake:
         self.status = "prelaunch"
         self.lock = threading.Lock()
         self.conn: socket.socket | None = None
+        self.disks = [opt_value(["-device", a, ""], "-device", "id") for a in argv if a.startswith("virtio-blk-pci,")]
+        self.throttle: dict[str, dict] = {}
 
     def send(self, msg: dict) -> None:
         with self.lock:
@@ -108,6 +110,17 @@ class Fake:
             return {}
         if cmd == "query-chardev":
             return [{"label": "qga0", "filename": "unix:", "frontend-open": bool(os.environ.get("FAKE_QEMU_AGENT"))}]
+        if cmd == "query-block":
+            return [
+                {"qdev": f"/machine/peripheral/{dev}/virtio-backend", "inserted": self.throttle.get(dev, {})}
+                for dev in self.disks
+            ]
+        if cmd == "block_set_io_throttle":
+            dev = args["id"].split("/")[3]
+            if dev not in self.disks:
+                raise ValueError(f"Device '{args['id']}' not found")
+            self.throttle[dev] = {"iops": args["iops"], "bps": args["bps"], "group": args.get("group")}
+            return {}
         if cmd == "quit":
             return {}
         raise ValueError(f"The command {cmd} has not been found")
@@ -153,12 +166,13 @@ def main() -> None:
     if os.environ.get("FAKE_QEMU_FAIL"):
         sys.stderr.write("qemu-system-x86_64: -device foo: 'foo' is not a valid device model name\n")
         sys.exit(1)
-    if "-pidfile" in argv:
-        with open(argv[argv.index("-pidfile") + 1], "w") as f:
-            f.write(f"{os.getpid()}\n")
     log = opt_value(argv, "-chardev", "logfile", "serial0")
     if log:
-        with open(log, "w") as f:
+        # Like QEMU, it can reach the log only through the descriptor it was handed (-add-fd).
+        fdset = log.removeprefix("/dev/fdset/")
+        add_fds = [v for i, v in enumerate(argv) if argv[i - 1] == "-add-fd"]
+        fd = next(int(v.split(",")[0].removeprefix("fd=")) for v in add_fds if f"set={fdset}," in v)
+        with open(fd, "w", closefd=False) as f:
             f.write("fake QEMU booting\n")
 
     def on_term(signum: int, _frame: object) -> None:

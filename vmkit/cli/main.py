@@ -285,7 +285,7 @@ def host_check(c: Client, a: argparse.Namespace) -> int:
 def daemon(c: Client, a: argparse.Namespace) -> int:
     from vmkit.daemon import main as daemon_main
 
-    daemon_main(a.state_dir, a.run_dir, a.socket_path, a.verbose)
+    daemon_main(a.state_dir, a.run_dir, a.socket_path, a.verbose, a.id_range)
     return 0
 
 
@@ -414,6 +414,11 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp.add_argument("--state-dir", help="default /var/lib/vmkit (env VMKIT_STATE_DIR)")
     sp.add_argument("--run-dir", help="default /run/vmkit (env VMKIT_RUN_DIR)")
     sp.add_argument("--socket", dest="socket_path", help="default RUN_DIR/vmkit.sock (env VMKIT_SOCKET)")
+    sp.add_argument(
+        "--id-range",
+        metavar="FIRST-LAST",
+        help="uids/gids for VMs' QEMUs, one per VM (default 1900000000-1900065535; env VMKIT_ID_RANGE)",
+    )
     sp.add_argument("-v", "--verbose", action="store_true")
     return p
 

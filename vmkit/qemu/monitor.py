@@ -111,3 +111,15 @@ class Monitor:
             if dev.get("label") == chardev_id:
                 return bool(dev.get("frontend-open"))
         return False
+
+    async def block_set_io_throttle(self, qdev: str, *, iops_total: int, bps_total: int, group: str) -> None:
+        """Throttle a disk's block backend (0 = unlimited), as a member of throttle group `group`."""
+        args = {"id": qdev, "iops": iops_total, "bps": bps_total, "group": group}
+        await self.execute("block_set_io_throttle", args | dict.fromkeys(_UNUSED_THROTTLE, 0))
+
+    async def query_block(self) -> list[dict[str, Any]]:
+        return list(await self.execute("query-block"))
+
+
+# block_set_io_throttle requires the read/write split even when only totals are used.
+_UNUSED_THROTTLE = ("bps_rd", "bps_wr", "iops_rd", "iops_wr")

@@ -1,9 +1,12 @@
 """Launching QEMU so that it outlives the daemon, and finding it again afterwards.
 
 QEMU runs in its own session (setsid): a signal to the daemon's process group never reaches it, and if the
-daemon dies it is re-parented, not killed. QEMU writes its own pid file (-pidfile) before it serves QMP; the
-daemon trusts that pid only while the process's argv carries the VM's -uuid, so a recycled pid is never
-mistaken for our QEMU. Once found, a QemuProcess also pins the start time, so `alive` stays exact.
+daemon dies it is re-parented, not killed. It runs as its VM's own identity (through the `launcher` prefix,
+see host/identity.py), inherits the descriptors it needs, and is moved into its VM's cgroup while it is
+still paused (-S). The daemon writes its pid record the moment it is spawned and trusts that pid only
+while the process's argv carries the VM's -uuid, so a recycled pid is never mistaken for our QEMU; if the
+daemon died in the instant between spawn and record, `find_by_uuid` finds it from /proc. Once found, a
+QemuProcess also pins the start time, so `alive` stays exact.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.host.cgroups import VmCgroup
 from vmkit.qemu.argv import RuntimePaths
 
 
@@ -47,36 +50,75 @@ def alive(proc: QemuProcess) -> bool:
     return False
 
 
-def spawn(argv: list[str], paths: RuntimePaths, qmp_sock: socket.socket) -> tuple[QemuProcess, subprocess.Popen[bytes]]:
-    """Start QEMU detached from the daemon, recording its argv in the runtime dir (QEMU records its pid)."""
+def spawn(
+    argv: list[str],
+    paths: RuntimePaths,
+    *,
+    pass_fds: list[int],
+    launcher: list[str],
+    cgroup: VmCgroup | None,
+) -> tuple[QemuProcess, subprocess.Popen[bytes]]:
+    """Start QEMU detached from the daemon as launcher says, recording its argv and pid in the runtime dir."""
     paths.argv_file.write_text(json.dumps(argv))
     with open(paths.qemu_log, "ab") as log:
         popen = subprocess.Popen(  # noqa: S603 - argv list built by qemu_argv, no shell
-            argv,
+            [*launcher, *argv],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            pass_fds=[qmp_sock.fileno()],
+            pass_fds=pass_fds,
             start_new_session=True,
             close_fds=True,
         )
+    try:
+        paths.pid_file.write_text(f"{popen.pid}\n")
+        if cgroup is not None:
+            cgroup.attach(popen.pid)
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        raise
     start = proc_start_time(popen.pid)
     return QemuProcess(popen.pid, start if start is not None else -1), popen
 
 
-def read_pid(paths: RuntimePaths) -> QemuProcess | None:
-    """The QEMU recorded in paths, if it is still there and still ours."""
+def _ours(pid: int, uuid: str) -> QemuProcess | None:
     try:
-        pid = int(paths.pid_file.read_text().split()[0])
-        argv = json.loads(paths.argv_file.read_text())
-        uuid = argv[argv.index("-uuid") + 1]
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return None
     start = proc_start_time(pid)
-    if uuid.encode() not in cmdline or start is None:
+    # The exact argument pair: the uuid alone could appear inside some other process's arguments.
+    for i in range(len(cmdline) - 1):
+        if cmdline[i] == b"-uuid" and cmdline[i + 1] == uuid.encode() and start is not None:
+            return QemuProcess(pid, start)
+    return None
+
+
+def read_pid(paths: RuntimePaths, uuid: str) -> QemuProcess | None:
+    """The QEMU recorded in paths, if it is still there and still the one running the VM `uuid`."""
+    try:
+        pid = int(paths.pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
-    return QemuProcess(pid, start)
+    return _ours(pid, uuid)
+
+
+def find_by_uuid(uuid: str) -> QemuProcess | None:
+    """Scan /proc for the QEMU of VM `uuid`: only for the rare run dir that has an argv but no pid record."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (found := _ours(int(entry.name), uuid)):
+            return found
+    return None
+
+
+def recorded_uuid(paths: RuntimePaths) -> str | None:
+    """The -uuid in the argv recorded in paths (for run dirs whose VM has no row any more)."""
+    try:
+        argv = json.loads(paths.argv_file.read_text())
+        return str(argv[argv.index("-uuid") + 1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def kill(proc: QemuProcess) -> None:

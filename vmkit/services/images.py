@@ -87,5 +87,8 @@ def _copy_files(dest: Path, files: list[Path]) -> None:
     tmp.mkdir(parents=True, mode=0o755)
     for f in files:
         shutil.copy2(f, tmp / f.name)
+        # Readable by anyone, like the packages they come from: a VM's unprivileged QEMU then reopens the
+        # kernel through its descriptor directly, instead of the daemon copying it into a memfd each start.
+        (tmp / f.name).chmod(0o644)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

@@ -24,17 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.errors import Conflict, InvalidInput, NotFound, Timeout, VmkitError
-from vmkit.model.vm import CreateVm, DiskSpec, NicSpec, VmInfo, VmSpec, VmState
+from vmkit.host import identity
+from vmkit.host.cgroups import Cgroups, VmCgroup
+from vmkit.model.vm import CreateVm, DiskSpec, NicSpec, SetVm, VmInfo, VmSpec, VmState
 from vmkit.qemu import monitor as qmp
 from vmkit.qemu import process
 from vmkit.qemu.agent import Agent, ExecResult
 from vmkit.qemu.argv import HostConfig, RuntimePaths, qemu_argv
+from vmkit.qemu.handover import open_handover
+from vmkit.services import limits
 from vmkit.services.events import EventBus
 from vmkit.services.reverter import Reverter
 from vmkit.store.db import Store
 from vmkit.util.proc import run
 from vmkit.util.tasks import TaskSet
-from vmkit.util.unixsock import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class VmRuntime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     agent_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    uid: int | None = None  # the VM's own identity (gid = uid); None only until load() assigns one
+    cgroup: VmCgroup | None = None  # while QEMU runs in it
     proc: process.QemuProcess | None = None
     popen: subprocess.Popen[bytes] | None = None
     monitor: qmp.Monitor | None = None
@@ -90,9 +95,21 @@ class VmRuntime:
     reboot_pending: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     console_busy: bool = False
+    # Set while _launch runs: a QEMU that exits before `cont` is reported by the launch as "failed", not as
+    # a crash by the exit watcher.
+    launching: bool = False
+
+    @property
+    def cgroup_name(self) -> str:
+        return f"{self.spec.name}.{self.spec.uuid[:8]}"
 
     def info(self) -> VmInfo:
         s = self.spec
+        running = self.proc is not None and self.state.active
+        ident = identity.proc_identity(self.proc.pid) if running and self.proc else None
+        if ident is None and self.uid is not None:
+            ident = identity.Identity(self.uid, self.uid)
+        stats = self.cgroup.stats() if running and self.cgroup else None
         return VmInfo(
             name=s.name,
             uuid=s.uuid,
@@ -110,6 +127,14 @@ class VmRuntime:
             initrd=s.initrd,
             cmdline=s.cmdline,
             runtime_dir=str(self.paths.run_dir) if self.state.active else None,
+            cpu_weight=s.cpu_weight,
+            cpu_max_percent=s.cpu_max_percent,
+            memory_max_mib=s.memory_max_mib,
+            uid=ident.uid if ident else None,
+            gid=ident.gid if ident else None,
+            cgroup=self.cgroup.path if running and self.cgroup else None,
+            cpu_time_ns=stats.cpu_time_ns if stats else None,
+            memory_bytes=stats.memory_bytes if stats else None,
         )
 
 
@@ -142,7 +167,14 @@ class VmService:
         state_dir: Path,
         run_dir: Path,
         image_lookup: Callable[[str], dict[str, Any] | None],
+        id_range: identity.IdRange,
+        cgroups: Cgroups,
     ) -> None:
+        self._ids = id_range
+        self._cgroups = cgroups
+        # /dev/kvm's group where KVM is used: QEMU's only supplementary group.
+        kvm = identity.kvm_gid() if host.accelerator == "kvm" else None
+        self._extra_gids = (kvm,) if kvm is not None else ()
         self._store = store
         self._bus = bus
         self._host = host
@@ -204,11 +236,29 @@ class VmService:
         rebooted = self._store.get_meta("boot_id") not in (None, boot_id)
         self._store.set_meta("boot_id", boot_id)
         for row in rows:
-            vm = VmRuntime(row.spec, row.autostart, row.state, row.reason, self.paths(row.spec.name))
+            vm = VmRuntime(row.spec, row.autostart, row.state, row.reason, self.paths(row.spec.name), uid=row.uid)
             self._vms[row.spec.name] = vm
             if rebooted and vm.state.active:
                 self._set_state(vm, VmState.SHUTOFF, "host rebooted")
+        # VMs defined before isolation (or before the id range changed) get their identity now; one running
+        # under another identity keeps it until its next start.
+        for vm in self._vms.values():
+            if vm.uid not in self._ids:
+                vm.uid = self._next_uid()
+                self._store.set_vm_uid(vm.spec.name, vm.uid)
         await asyncio.gather(*(self._reattach(vm) for vm in self._vms.values()))
+        # Cgroups of our VMs whose QEMU is gone (it ended while the daemon was away).
+        ours = {vm.cgroup_name for vm in self._vms.values() if vm.cgroup is None}
+        for name in set(self._cgroups.names()) & ours if self._cgroups.mode != "none" else ():
+            with contextlib.suppress(VmkitError):
+                await asyncio.to_thread(self._cgroups.remove, name)
+
+    def _next_uid(self) -> int:
+        used = {vm.uid for vm in self._vms.values() if vm.uid is not None}
+        last = self._store.get_meta("last_uid")
+        uid = identity.allocate(self._ids, used, int(last) if last else None)
+        self._store.set_meta("last_uid", str(uid))
+        return uid
 
     def _remove_orphans(self, known: set[str]) -> None:
         """Directories left by a create or delete that crashed half-way have no row: remove them."""
@@ -220,13 +270,20 @@ class VmService:
 
     @staticmethod
     def _pid_alive_in(d: Path) -> bool:
-        proc = process.read_pid(RuntimePaths(d, d))
+        paths = RuntimePaths(d, d)
+        uuid = process.recorded_uuid(paths)
+        proc = process.read_pid(paths, uuid) if uuid else None
         return proc is not None and process.alive(proc)
 
     async def _reattach(self, vm: VmRuntime) -> None:
-        proc = process.read_pid(vm.paths)
+        proc = process.read_pid(vm.paths, vm.spec.uuid)
+        if proc is None and vm.paths.argv_file.exists() and not vm.paths.pid_file.exists():
+            # The daemon died between spawning QEMU and recording its pid.
+            proc = await asyncio.to_thread(process.find_by_uuid, vm.spec.uuid)
         if proc is not None and process.alive(proc):
             vm.proc = proc
+            cg = self._cgroups.get(vm.cgroup_name) if self._cgroups.mode != "none" else None
+            vm.cgroup = cg if cg is not None and cg.contains(proc.pid) else None
             try:
                 await self._attach(vm)
                 status = await vm.monitor.query_status() if vm.monitor else "unknown"
@@ -304,7 +361,8 @@ class VmService:
 
     def _on_pidfd(self, vm: VmRuntime) -> None:
         self._unwatch(vm)
-        self._background.spawn(self._on_exit(vm))
+        if not vm.launching:
+            self._background.spawn(self._on_exit(vm))
 
     async def _on_exit(self, vm: VmRuntime) -> None:
         status = vm.popen.poll() if vm.popen else None  # reaps our own child; None if not ours
@@ -330,8 +388,17 @@ class VmService:
         vm.agent = False
         vm.shutdown_reason, vm.quit_requested, vm.reboot_pending = None, False, False
         shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
+        await self._drop_cgroup(vm)
         self._set_state(vm, state, reason)
         vm.exited.set()
+
+    async def _drop_cgroup(self, vm: VmRuntime) -> None:
+        if vm.cgroup is not None:
+            vm.cgroup = None
+            try:
+                await asyncio.to_thread(self._cgroups.remove, vm.cgroup_name)
+            except VmkitError as e:
+                log.warning("VM %s: %s", vm.spec.name, e.message)
 
     async def _on_event(self, vm: VmRuntime, event: str, data: dict[str, Any]) -> None:
         if event == qmp.EV_SHUTDOWN:
@@ -402,6 +469,8 @@ class VmService:
                     raise InvalidInput(f"{label} {path} does not exist or is not a file")
             if initrd and not kernel:
                 raise InvalidInput("an initrd needs a kernel")
+            if (req.disk_iops_total or req.disk_bps_total) and not (base_disk or req.disk_size_bytes):
+                raise InvalidInput("disk I/O limits need a disk (give --disk SIZE or --image)")
             spec_disks: list[DiskSpec] = []
             paths = self.paths(req.name)
             with Reverter() as rev:
@@ -410,7 +479,15 @@ class VmService:
                     rev.add(lambda: shutil.rmtree(paths.vm_dir, ignore_errors=True))
                     disk = paths.vm_dir / "disk0.qcow2"
                     await asyncio.to_thread(_create_disk, disk, base_disk, req.disk_size_bytes)
-                    spec_disks.append(DiskSpec(path=str(disk), format="qcow2", backing_image=req.image))
+                    spec_disks.append(
+                        DiskSpec(
+                            path=str(disk),
+                            format="qcow2",
+                            backing_image=req.image,
+                            iops_total=req.disk_iops_total,
+                            bps_total=req.disk_bps_total,
+                        )
+                    )
                 spec = VmSpec(
                     name=req.name,
                     uuid=str(uuid.uuid4()),
@@ -422,10 +499,15 @@ class VmService:
                     cmdline=cmdline,
                     disks=spec_disks,
                     nics=[NicSpec(mac=_mac())] if req.nic else [],
+                    cpu_weight=req.cpu_weight,
+                    cpu_max_percent=req.cpu_max_percent,
+                    memory_max_mib=req.memory_max_mib,
                 )
-                self._store.add_vm(spec, autostart=req.autostart)
+                limits.check(spec)
+                uid = self._next_uid()
+                self._store.add_vm(spec, autostart=req.autostart, uid=uid)
                 rev.success()
-            vm = VmRuntime(spec, req.autostart, VmState.SHUTOFF, None, paths)
+            vm = VmRuntime(spec, req.autostart, VmState.SHUTOFF, None, paths, uid=uid)
             self._vms[spec.name] = vm
             self._bus.publish("vm-created", vm=spec.name)
             return vm.info()
@@ -450,6 +532,41 @@ class VmService:
             shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
             self._bus.publish("vm-deleted", vm=name)
 
+    async def set_limits(self, name: str, req: SetVm) -> VmInfo:
+        """Change limits; a running VM gets them at once, a stopped one at its next start."""
+        vm = self._get(name)
+        async with vm.lock:
+            spec = limits.updated(vm.spec, req)
+            if vm.state.active and vm.proc is not None:
+                if limits.has_cgroup_limits(spec) and vm.cgroup is None:
+                    raise Conflict(
+                        f"VM {name!r} runs outside a cgroup (started before isolation, or cgroups are unusable "
+                        "here): restart it to apply CPU and memory limits"
+                    )
+                if vm.cgroup is not None:
+                    await asyncio.to_thread(vm.cgroup.apply, limits.cgroup_limits(spec))
+                if req.disks:
+                    mon = self._need_monitor(vm, VmState.RUNNING, VmState.PAUSED)
+                    for d in req.disks:
+                        i = int(d.name.removeprefix("disk"))
+                        await _qmp(limits.apply_disk(mon, i, spec.disks[i]))
+            vm.spec = spec
+            self._store.set_vm_spec(spec)
+            return vm.info()
+
+    async def disks(self, name: str) -> list[dict[str, Any]]:
+        """The VM's disks, with the I/O limits QEMU enforces right now (query-block) while it runs."""
+        vm = self._get(name)
+        live: dict[str, dict[str, Any]] = {}
+        if vm.monitor is not None and vm.state.active:
+            for dev in await _qmp(vm.monitor.query_block()):
+                ins = dev.get("inserted") or {}
+                live[str(dev.get("qdev", ""))] = {k: ins.get(k) for k in ("iops", "bps", "group")}
+        return [
+            {"name": f"disk{i}", **d.model_dump(), "live": live.get(limits.qdev(i))}
+            for i, d in enumerate(vm.spec.disks)
+        ]
+
     async def set_autostart(self, name: str, enabled: bool) -> VmInfo:
         vm = self._get(name)
         self._store.set_autostart(name, enabled)
@@ -467,36 +584,62 @@ class VmService:
             for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
                 if path and not os.path.isfile(path):
                     raise Conflict(f"cannot start {name!r}: its {label} {path} is missing")
-            await self._launch(vm)
+            vm.launching = True
+            try:
+                await self._launch(vm)
+            finally:
+                vm.launching = False
+            if vm.pidfd is None and vm.proc is not None:
+                # It exited during the last step of a launch that succeeded: report it as any exit.
+                self._background.spawn(self._on_exit(vm))
             return vm.info()
 
     async def _launch(self, vm: VmRuntime) -> None:
         paths = vm.paths
-        longest = max(len(str(p)) for p in (paths.qmp_sock, paths.serial_sock, paths.qga_sock, paths.vnc_sock))
+        longest = max(len(str(p)) for p in (paths.qmp_sock, paths.serial_sock, paths.qga_sock))
         if longest > MAX_SOCKET_PATH:
             raise Conflict(
                 f"cannot start {vm.spec.name!r}: its socket paths under {paths.run_dir} would be {longest} bytes, "
                 f"over the kernel's {MAX_SOCKET_PATH}; use a shorter run dir or VM name"
             )
         vm.shutdown_reason, vm.quit_requested, vm.reboot_pending, vm.agent = None, False, False, False
+        if vm.uid is None:
+            raise Conflict(f"cannot start {vm.spec.name!r}: it has no identity yet")
+        ident = identity.Identity(vm.uid, vm.uid)
+        cgroup = None
         try:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
+            # Both dirs stay root-only: QEMU reaches nothing in them but through the descriptors it is handed.
             paths.run_dir.mkdir(parents=True, mode=0o700)
             paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             paths.qemu_log.write_bytes(b"")  # both logs hold one run: the latest
             paths.qmp_log.write_bytes(b"")
-            sock = listen_unix(paths.qmp_sock)
-            try:
-                argv = qemu_argv(vm.spec, paths, self._host, qmp_fd=sock.fileno())
-                vm.proc, vm.popen = process.spawn(argv, paths, sock)
-            finally:
-                sock.close()
-        except (OSError, ValueError) as e:
+            if self._cgroups.mode != "none":
+                cgroup = await asyncio.to_thread(self._cgroups.create, vm.cgroup_name, limits.cgroup_limits(vm.spec))
+            elif limits.has_cgroup_limits(vm.spec):
+                raise Conflict(f"CPU and memory limits need cgroups, unusable here: {self._cgroups.describe()}")
+            with open_handover(vm.spec, paths) as fds:
+                argv = qemu_argv(vm.spec, paths, self._host, fds)
+                vm.proc, vm.popen = process.spawn(
+                    argv,
+                    paths,
+                    pass_fds=fds.all(),
+                    launcher=identity.launcher(ident, extra_gids=self._extra_gids),
+                    cgroup=cgroup,
+                )
+            vm.cgroup = cgroup
+        except (OSError, ValueError, VmkitError) as e:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
+            if cgroup is not None:
+                with contextlib.suppress(VmkitError):
+                    await asyncio.to_thread(self._cgroups.remove, vm.cgroup_name)
             self._set_state(vm, VmState.SHUTOFF, "failed")
-            raise VmkitError(f"cannot start {vm.spec.name!r}: {e}") from e
+            # Keep the class (and so the HTTP status) of a refusal vmkit made on purpose.
+            cls, detail = (type(e), e.message) if isinstance(e, VmkitError) else (VmkitError, str(e))
+            raise cls(f"cannot start {vm.spec.name!r}: {detail}") from e
         try:
             await self._attach(vm)
+            await limits.apply_disks(vm.monitor, vm.spec, only_limited=True)  # type: ignore[arg-type]
             await vm.monitor.cont()  # type: ignore[union-attr]
         except Exception as e:
             # Stop watching first: this failure is reported as "failed", not as a crash.
@@ -512,6 +655,7 @@ class VmService:
             vm.proc = vm.popen = None
             detail = _tail(paths.qemu_log, 3) or f"{type(e).__name__}: {e}"
             shutil.rmtree(paths.run_dir, ignore_errors=True)
+            await self._drop_cgroup(vm)
             self._set_state(vm, VmState.SHUTOFF, "failed")
             raise VmkitError(f"QEMU failed to start {vm.spec.name!r}: {detail}") from e
         # RESUME may already have set it; setting again is a no-op.

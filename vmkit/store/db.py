@@ -16,8 +16,9 @@ from typing import Any
 
 from vmkit.model.vm import VmSpec, VmState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# The schema a fresh state dir gets; an older one is brought here by _MIGRATIONS, in order.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (
@@ -27,7 +28,8 @@ CREATE TABLE IF NOT EXISTS vms (
     autostart INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     reason TEXT,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    uid INTEGER UNIQUE
 );
 CREATE TABLE IF NOT EXISTS images (
     name TEXT PRIMARY KEY,
@@ -36,6 +38,20 @@ CREATE TABLE IF NOT EXISTS images (
 );
 """
 
+# version -> statements that bring the previous version to it. Each runs in one transaction with the
+# version bump, so a crash leaves either the old schema or the new one.
+_MIGRATIONS: dict[int, list[str]] = {
+    # 2: each VM's QEMU runs as its own uid (gid = uid); VMs defined before get one at the next daemon start.
+    2: [
+        "ALTER TABLE vms ADD COLUMN uid INTEGER",
+        "CREATE UNIQUE INDEX IF NOT EXISTS vms_uid ON vms(uid)",
+    ],
+}
+
+
+class SchemaTooNew(Exception):
+    pass
+
 
 @dataclass(frozen=True)
 class VmRow:
@@ -43,6 +59,7 @@ class VmRow:
     autostart: bool
     state: VmState
     reason: str | None
+    uid: int | None
 
 
 class Store:
@@ -51,8 +68,29 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self._migrate()
+
+    def _migrate(self) -> None:
+        fresh = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'vms'").fetchone() is None
+        if fresh:
+            self._db.executescript(_SCHEMA)
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+            return
+        version = int(self.get_meta("schema_version") or 1)
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"this state dir was written by a newer vmkit (schema {version}, this one knows {SCHEMA_VERSION})"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _MIGRATIONS[target]:
+                    self._db.execute(stmt)
+                self.set_meta("schema_version", str(target))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         self._db.close()
@@ -65,9 +103,9 @@ class Store:
         self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
     # VMs
-    def add_vm(self, spec: VmSpec, *, autostart: bool) -> None:
+    def add_vm(self, spec: VmSpec, *, autostart: bool, uid: int) -> None:
         self._db.execute(
-            "INSERT INTO vms(name, uuid, spec, autostart, state, reason, created_at) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO vms(name, uuid, spec, autostart, state, reason, created_at, uid) VALUES (?,?,?,?,?,?,?,?)",
             (
                 spec.name,
                 spec.uuid,
@@ -76,12 +114,19 @@ class Store:
                 VmState.SHUTOFF,
                 None,
                 time.time(),
+                uid,
             ),
         )
 
     def vms(self) -> list[VmRow]:
-        rows = self._db.execute("SELECT spec, autostart, state, reason FROM vms ORDER BY name").fetchall()
-        return [VmRow(VmSpec.model_validate_json(s), bool(a), VmState(st), r) for s, a, st, r in rows]
+        rows = self._db.execute("SELECT spec, autostart, state, reason, uid FROM vms ORDER BY name").fetchall()
+        return [VmRow(VmSpec.model_validate_json(s), bool(a), VmState(st), r, u) for s, a, st, r, u in rows]
+
+    def set_vm_spec(self, spec: VmSpec) -> None:
+        self._db.execute("UPDATE vms SET spec = ? WHERE name = ?", (spec.model_dump_json(), spec.name))
+
+    def set_vm_uid(self, name: str, uid: int) -> None:
+        self._db.execute("UPDATE vms SET uid = ? WHERE name = ?", (uid, name))
 
     def has_vm(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone() is not None

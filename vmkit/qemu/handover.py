@@ -1,0 +1,70 @@
+"""Opening everything a VM's QEMU needs, as file descriptors it inherits.
+
+QEMU runs as its VM's unprivileged identity and has no rights on vmkit's directories (the state and run
+dirs stay root-only): the daemon opens the sockets, the serial log, the kernel, the initrd and every image
+of every disk's backing chain, and QEMU receives the descriptors. Access follows from what was opened:
+images below the VM's own disk are opened read-only, so QEMU cannot write them even if it tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+
+from vmkit.model.vm import VmSpec
+from vmkit.qemu.argv import DiskFds, HandOver, RuntimePaths
+from vmkit.storage.qcow2 import backing_chain
+from vmkit.util.unixsock import listen_unix
+
+
+def _readonly_fd(stack: contextlib.ExitStack, path: str) -> int:
+    """A read-only descriptor for path that QEMU can reopen through /proc/self/fd/N.
+
+    Reopening checks the file's own permission bits against QEMU's uid; a file only root may read (a kernel
+    under /root, say) is copied into a sealed memfd instead, so it never needs its mode widened."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    stack.callback(os.close, fd)
+    if os.fstat(fd).st_mode & stat.S_IROTH:
+        return fd
+    mfd = os.memfd_create(os.path.basename(path), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    stack.callback(os.close, mfd)
+    size = os.fstat(fd).st_size
+    offset = 0
+    while offset < size:
+        offset += os.sendfile(mfd, fd, offset, size - offset)
+    seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+    fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, seals)
+    return mfd
+
+
+def _open(stack: contextlib.ExitStack, path: str, flags: int, mode: int = 0o600) -> int:
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    stack.callback(os.close, fd)
+    return fd
+
+
+@contextlib.contextmanager
+def open_handover(spec: VmSpec, paths: RuntimePaths) -> Iterator[HandOver]:
+    """Open everything QEMU inherits; the daemon's copies are closed on exit (after the spawn).
+
+    The QMP, serial and agent sockets are bound here, in the root-only run dir, and are already listening:
+    the daemon connects to them by path, QEMU serves them from the descriptors."""
+    with contextlib.ExitStack() as stack:
+        socks = []
+        for path in (paths.qmp_sock, paths.serial_sock, paths.qga_sock):
+            sock = listen_unix(path)
+            stack.callback(sock.close)
+            socks.append(sock.fileno())
+        # Both logs hold one run: the latest. Appending keeps QEMU's writes in order after the truncation.
+        log = _open(stack, str(paths.serial_log), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+        kernel = _readonly_fd(stack, spec.kernel) if spec.kernel else None
+        initrd = _readonly_fd(stack, spec.initrd) if spec.kernel and spec.initrd else None
+        disks = []
+        for disk in spec.disks:
+            top = _open(stack, disk.path, os.O_RDWR)
+            chain = tuple((_open(stack, b.path, os.O_RDONLY), b.format) for b in backing_chain(disk.path, disk.format))
+            disks.append(DiskFds(top, chain))
+        yield HandOver(socks[0], socks[1], socks[2], log, kernel, initrd, tuple(disks))

@@ -1,0 +1,80 @@
+"""Reading a qcow2 image's backing chain from its headers, without running qemu-img.
+
+QEMU is handed every image of a chain as an open file descriptor with the chain spelled out (`backing=`),
+so it never opens a backing file by the path written in a header (it could not: it runs unprivileged and
+has no rights on vmkit's directories). Reading ~1 KiB of header per image keeps this off the start path's
+budget, where a qemu-img call would cost ~20 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmkit.errors import VmkitError
+
+MAGIC = b"QFI\xfb"
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_END = 0
+MAX_CHAIN = 64  # a loop or an absurd chain is refused rather than followed forever
+
+
+class ImageError(VmkitError):
+    status = 409
+
+
+@dataclass(frozen=True)
+class Backing:
+    path: str
+    format: str  # "qcow2" or "raw"; as recorded in the header, else probed from the magic
+
+
+def _header(path: str) -> tuple[str | None, str | None]:
+    """(backing file, backing format) named in a qcow2 header; (None, None) if it has no backing."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head[:4] != MAGIC:
+        return None, None
+    version, off, size = struct.unpack(">IQI", head[4:20])
+    if not off:
+        return None, None
+    with open(path, "rb") as f:
+        f.seek(off)
+        backing = f.read(size).decode()
+    fmt = None
+    pos = 72 if version < 3 else struct.unpack(">I", head[100:104])[0]
+    while pos + 8 <= len(head):
+        ext, length = struct.unpack(">II", head[pos : pos + 8])
+        if ext == EXT_END:
+            break
+        if ext == EXT_BACKING_FORMAT:
+            fmt = head[pos + 8 : pos + 8 + length].decode()
+        pos += 8 + (length + 7) // 8 * 8
+    if not os.path.isabs(backing):
+        backing = str(Path(path).parent / backing)
+    return backing, fmt
+
+
+def backing_chain(path: str, fmt: str) -> list[Backing]:
+    """The images under `path`, nearest first. Raw images have no backing."""
+    chain: list[Backing] = []
+    current, current_fmt = path, fmt
+    while current_fmt == "qcow2":
+        try:
+            backing, bfmt = _header(current)
+        except (OSError, UnicodeDecodeError, struct.error) as e:
+            raise ImageError(f"cannot read the qcow2 header of {current}: {e}") from e
+        if backing is None:
+            break
+        if backing.startswith(("json:", "nbd:", "nfs:", "iscsi:")) or not os.path.isfile(backing):
+            raise ImageError(f"{current} is backed by {backing}, which is not a local file vmkit can open")
+        if bfmt not in ("qcow2", "raw"):
+            with open(backing, "rb") as f:
+                bfmt = "qcow2" if f.read(4) == MAGIC else "raw"
+        chain.append(Backing(backing, bfmt))
+        if len(chain) > MAX_CHAIN:
+            raise ImageError(f"the backing chain of {path} is longer than {MAX_CHAIN} (a loop?)")
+        current, current_fmt = backing, bfmt
+    return chain
