@@ -91,7 +91,7 @@ async def serve(cfg: DaemonConfig) -> None:
     except BlockingIOError:
         raise SystemExit(f"vmkit: another daemon already uses {cfg.state_dir}") from None
 
-    report = await asyncio.to_thread(host_check)
+    report = await asyncio.to_thread(host_check, cfg.id_range)
     if report.accelerator is None or report.qemu_path is None:
         raise SystemExit("vmkit: no usable QEMU accelerator; run `vmkit host check`")
     if report.accelerator == "tcg":

@@ -169,10 +169,12 @@ def main() -> None:
     log = opt_value(argv, "-chardev", "logfile", "serial0")
     if log:
         # Like QEMU, it can reach the log only through the descriptor it was handed (-add-fd).
-        fdset = log.removeprefix("/dev/fdset/")
-        add_fds = [v for i, v in enumerate(argv) if argv[i - 1] == "-add-fd"]
-        fd = next(int(v.split(",")[0].removeprefix("fd=")) for v in add_fds if f"set={fdset}," in v)
-        with open(fd, "w", closefd=False) as f:
+        target: str | int = log
+        if log.startswith("/dev/fdset/"):
+            fdset = log.removeprefix("/dev/fdset/")
+            add_fds = [v for i, v in enumerate(argv) if argv[i - 1] == "-add-fd"]
+            target = next(int(v.split(",")[0].removeprefix("fd=")) for v in add_fds if f"set={fdset}," in v)
+        with open(target, "w", closefd=False) as f:
             f.write("fake QEMU booting\n")
 
     def on_term(signum: int, _frame: object) -> None:

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmkit import __version__
 from vmkit.api import images, system, vms
-from vmkit.api.deps import Services
+from vmkit.api.deps import STOPPING_MESSAGE, Services
 from vmkit.errors import VmkitError
 
 log = logging.getLogger(__name__)
+
+_ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "properties": {"error": {"title": "Error", "type": "string"}},
+    "required": ["error"],
+}
+_METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -28,9 +39,67 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _document_errors(doc: dict[str, Any]) -> dict[str, Any]:
+    """Say in the OpenAPI document what the handlers below answer: a bad request is 400, not FastAPI's 422, and
+    every error (404 unknown, 409 wrong state, 502 QEMU or guest agent failed, 504 timed out, ...) is {"error"}."""
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for item in doc.get("paths", {}).values():
+        for method, op in item.items():
+            if method not in _METHODS:
+                continue
+            responses = op.setdefault("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = {"description": "Invalid request", "content": ref}
+            responses.setdefault("default", {"description": "Error", "content": ref})
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas["Error"] = _ERROR_SCHEMA
+    return doc
+
+
+class _App(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        if not self.openapi_schema:
+            self.openapi_schema = _document_errors(super().openapi())
+        return self.openapi_schema
+
+
+class _CancelledAtStop:
+    """When the daemon stops, uvicorn cancels the requests still running after its grace period. Answer those
+    503 (if nothing was sent yet) instead of letting the cancellation end up as a logged traceback and a bare 500."""
+
+    def __init__(self, app: ASGIApp, stopping: asyncio.Event) -> None:
+        self.app = app
+        self.stopping = stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                raise
+            # The task ends here either way; a response already under way is cut short by uvicorn.
+            if not started:
+                await JSONResponse({"error": STOPPING_MESSAGE}, status_code=503)(scope, receive, send)
+
+
 def create_app(svc: Services) -> FastAPI:
-    app = FastAPI(title="vmkit", version=__version__, docs_url=None, redoc_url=None)
+    app = _App(title="vmkit", version=__version__, docs_url=None, redoc_url=None)
     app.state.services = svc
+    # Set by the daemon when it starts to stop (see vmkit.api.deps.unless_stopping).
+    app.state.stopping = stopping = asyncio.Event()
+    app.add_middleware(_CancelledAtStop, stopping=stopping)
 
     @app.exception_handler(VmkitError)
     async def _vmkit_error(_: Request, exc: VmkitError) -> JSONResponse:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import Request, WebSocket
 
+from vmkit.errors import VmkitError
 from vmkit.qemu.argv import HostConfig
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
@@ -29,3 +33,28 @@ def services(request: Request) -> Services:
 
 def ws_services(ws: WebSocket) -> Services:
     return ws.app.state.services
+
+
+class DaemonStopping(VmkitError):
+    status = 503
+
+
+STOPPING_MESSAGE = "the vmkit daemon is stopping; ask again once it is back"
+T = TypeVar("T")
+
+
+async def unless_stopping(request: Request, work: Awaitable[T]) -> T:
+    """Await work, but answer 503 as soon as the daemon starts to stop (app.state.stopping is set): a request
+    that only waits must not hold up a stopping daemon. Only for work that is safe to abandon half-way."""
+    stopping: asyncio.Event = request.app.state.stopping
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise DaemonStopping(STOPPING_MESSAGE)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
 
 from vmkit.api.deps import Services, services
+from vmkit.model.vm import NAME_PATTERN
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 Svc = Annotated[Services, Depends(services)]
@@ -19,7 +20,9 @@ async def list_images(svc: Svc) -> list[dict[str, Any]]:
 
 
 @router.get("/{name}")
-async def get_image(name: str, svc: Svc) -> dict[str, Any]:
+async def get_image(
+    name: Annotated[str, Path(pattern=NAME_PATTERN, description="image name")], svc: Svc
+) -> dict[str, Any]:
     return svc.images.get(name)
 
 

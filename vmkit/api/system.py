@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, WebSocket
+from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket
 
 from vmkit import __version__
-from vmkit.api.deps import Services, services, ws_services
+from vmkit.api.deps import Services, services, unless_stopping, ws_services
 from vmkit.api.websocket import receive_until_closed, run_until_first_done
 
 router = APIRouter(prefix="/v1", tags=["system"])
@@ -25,8 +25,13 @@ async def host(svc: Svc) -> dict[str, Any]:
 
 
 @router.get("/operations/{op_id}")
-async def operation(op_id: str, svc: Svc, wait_s: Annotated[float, Query(ge=0, le=600)] = 0) -> dict[str, Any]:
-    op = await svc.ops.wait(op_id, wait_s) if wait_s else svc.ops.get(op_id)
+async def operation(
+    op_id: Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="operation id")],
+    svc: Svc,
+    request: Request,
+    wait_s: Annotated[float, Query(ge=0, le=600)] = 0,
+) -> dict[str, Any]:
+    op = await unless_stopping(request, svc.ops.wait(op_id, wait_s)) if wait_s else svc.ops.get(op_id)
     return op.to_dict()
 
 

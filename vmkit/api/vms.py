@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, WebSocket
+from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from vmkit.api.deps import Services, services, ws_services
+from vmkit.api.deps import Services, services, unless_stopping, ws_services
 from vmkit.api.websocket import run_until_first_done
 from vmkit.errors import VmkitError
-from vmkit.model.vm import CreateVm, VmInfo
+from vmkit.model.vm import NAME_PATTERN, CreateVm, DiskInfo, SetVm, VmInfo, VmState
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
 Svc = Annotated[Services, Depends(services)]
+# Checked at the edge (400 for a malformed name) and stated in the OpenAPI document.
+VmName = Annotated[str, Path(pattern=NAME_PATTERN, description="VM name")]
+# RFC 4648 base64 with its padding: what base64.b64encode makes.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+_BASE64_RE = re.compile(BASE64_PATTERN)
+# What GET /v1/vms/{name}/wait waits for: a state word, or "agent" (the guest agent is connected).
+WAIT_WORDS = (*(str(s) for s in VmState), "agent")
+
+
+def _wait_word(v: str) -> str:
+    if v not in WAIT_WORDS:
+        raise ValueError("must be one of " + ", ".join(repr(w) for w in WAIT_WORDS))
+    return v
 
 
 class ShutdownRequest(BaseModel):
@@ -34,7 +48,20 @@ class ExecRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     argv: Annotated[list[str], Field(min_length=1)]
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
-    input_b64: str | None = None
+    input_b64: Annotated[
+        str | None,
+        Field(
+            description="the command's stdin, base64-encoded",
+            json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64"},
+        ),
+    ] = None
+
+    @field_validator("input_b64")
+    @classmethod
+    def _input_b64(cls, v: str | None) -> str | None:
+        if v is not None and not _BASE64_RE.fullmatch(v):  # fullmatch: "$" alone would accept a trailing newline
+            raise ValueError("must be base64: A-Z a-z 0-9 + /, padded with = to a multiple of 4 characters")
+        return v
 
 
 class ExecResponse(BaseModel):
@@ -55,64 +82,81 @@ async def create_vm(req: CreateVm, svc: Svc) -> VmInfo:
 
 
 @router.get("/{name}")
-async def get_vm(name: str, svc: Svc) -> VmInfo:
+async def get_vm(name: VmName, svc: Svc) -> VmInfo:
     return svc.vms.get(name)
 
 
+@router.patch("/{name}")
+async def set_vm(name: VmName, req: SetVm, svc: Svc) -> VmInfo:
+    """Change resource limits; a running VM gets them at once."""
+    return await svc.vms.set_limits(name, req)
+
+
+@router.get("/{name}/disks")
+async def vm_disks(name: VmName, svc: Svc) -> list[DiskInfo]:
+    """The VM's disks; while it runs, `live` holds the I/O limits QEMU enforces (from query-block)."""
+    return [DiskInfo.model_validate(d) for d in await svc.vms.disks(name)]
+
+
 @router.delete("/{name}", status_code=204)
-async def delete_vm(name: str, svc: Svc, keep_disks: bool = False) -> None:
+async def delete_vm(name: VmName, svc: Svc, keep_disks: bool = False) -> None:
     await svc.vms.delete(name, keep_disks=keep_disks)
 
 
 @router.post("/{name}/start")
-async def start_vm(name: str, svc: Svc) -> VmInfo:
+async def start_vm(name: VmName, svc: Svc) -> VmInfo:
     return await svc.vms.start(name)
 
 
 @router.post("/{name}/shutdown")
-async def shutdown_vm(name: str, svc: Svc, req: ShutdownRequest | None = None) -> VmInfo:
+async def shutdown_vm(name: VmName, svc: Svc, req: ShutdownRequest | None = None) -> VmInfo:
     req = req or ShutdownRequest()
     return await svc.vms.shutdown(name, timeout_s=req.timeout_s, force=req.force)
 
 
 @router.post("/{name}/destroy")
-async def destroy_vm(name: str, svc: Svc) -> VmInfo:
+async def destroy_vm(name: VmName, svc: Svc) -> VmInfo:
     return await svc.vms.destroy(name)
 
 
 @router.post("/{name}/reboot")
-async def reboot_vm(name: str, svc: Svc) -> VmInfo:
+async def reboot_vm(name: VmName, svc: Svc) -> VmInfo:
     return await svc.vms.reboot(name)
 
 
 @router.post("/{name}/pause")
-async def pause_vm(name: str, svc: Svc) -> VmInfo:
+async def pause_vm(name: VmName, svc: Svc) -> VmInfo:
     return await svc.vms.pause(name)
 
 
 @router.post("/{name}/resume")
-async def resume_vm(name: str, svc: Svc) -> VmInfo:
+async def resume_vm(name: VmName, svc: Svc) -> VmInfo:
     return await svc.vms.resume(name)
 
 
 @router.put("/{name}/autostart")
-async def autostart_vm(name: str, req: AutostartRequest, svc: Svc) -> VmInfo:
+async def autostart_vm(name: VmName, req: AutostartRequest, svc: Svc) -> VmInfo:
     return await svc.vms.set_autostart(name, req.enabled)
 
 
 @router.get("/{name}/wait")
 async def wait_vm(
-    name: str,
+    name: VmName,
     svc: Svc,
-    state: Annotated[str, Query(description="a state word, or 'agent' for guest agent up")] = "running",
+    request: Request,
+    state: Annotated[
+        str,
+        Query(description="a state word, or 'agent' for guest agent up", json_schema_extra={"enum": list(WAIT_WORDS)}),
+        AfterValidator(_wait_word),
+    ] = "running",
     timeout_s: Annotated[float, Query(gt=0, le=3600)] = 60.0,
 ) -> VmInfo:
-    return await svc.vms.wait(name, want=state, timeout_s=timeout_s)
+    return await unless_stopping(request, svc.vms.wait(name, want=state, timeout_s=timeout_s))
 
 
 @router.post("/{name}/exec")
-async def exec_vm(name: str, req: ExecRequest, svc: Svc) -> ExecResponse:
-    data = base64.b64decode(req.input_b64) if req.input_b64 is not None else None
+async def exec_vm(name: VmName, req: ExecRequest, svc: Svc) -> ExecResponse:
+    data = base64.b64decode(req.input_b64, validate=True) if req.input_b64 is not None else None
     res = await svc.vms.exec(name, req.argv, timeout_s=req.timeout_s, input_data=data)
     return ExecResponse(
         exitcode=res.exitcode,
@@ -123,7 +167,7 @@ async def exec_vm(name: str, req: ExecRequest, svc: Svc) -> ExecResponse:
 
 
 @router.get("/{name}/log", response_class=Response)
-async def vm_log(name: str, svc: Svc) -> Response:
+async def vm_log(name: VmName, svc: Svc) -> Response:
     return Response(svc.vms.serial_log(name), media_type="application/octet-stream")
 
 

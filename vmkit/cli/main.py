@@ -41,6 +41,42 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_disk_opts(text: str, *, first: str) -> dict[str, Any]:
+    """'10G,iops=100,bps=20M' → {'size': 10 GiB, 'iops_total': 100, 'bps_total': 20 MiB}. The first item
+    may be bare: it is then the `first` key (size for create, the disk's name for set)."""
+    out: dict[str, Any] = {}
+    for i, item in enumerate(text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep and i == 0:
+            key, value = first, item
+        if key == "size":
+            out["size"] = parse_size(value)
+        elif key == "name":
+            out["name"] = value
+        elif key in ("iops", "bps"):
+            number = value.strip().lower()
+            if number in ("none", "unlimited"):
+                out[f"{key}_total"] = None
+                continue
+            try:
+                out[f"{key}_total"] = parse_size(value) if key == "bps" else int(value)
+            except ValueError:
+                raise CliError(f"invalid {key} {value!r}: a whole number, or 'none'") from None
+        else:
+            raise CliError(f"unknown disk option {item!r} (use size, iops=N, bps=N)")
+    return out
+
+
+def parse_limit(text: str) -> int | None:
+    """An integer limit, or 'none' to remove it."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise CliError(f"invalid limit {text!r}: a whole number, or 'none'") from None
+
+
 def quote(text: str) -> str:
     """Percent-encode everything but unreserved characters (urllib.parse would cost ~2 ms to import)."""
     safe = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
@@ -80,8 +116,28 @@ def _show_vm(vm: dict[str, Any], as_json: bool) -> None:
             ("NICs", ", ".join(f"{n['kind']} {n['mac']}" for n in vm.get("nics", []))),
             ("Kernel", vm.get("kernel")),
             ("Cmdline", vm.get("cmdline")),
+            ("Identity", f"uid {vm['uid']} gid {vm['gid']}" if vm.get("uid") is not None else None),
+            ("Cgroup", vm.get("cgroup")),
+            ("CPU time", f"{vm['cpu_time_ns'] / 1e9:.2f} s" if vm.get("cpu_time_ns") is not None else None),
+            ("Memory used", f"{vm['memory_bytes'] / 2**20:.1f} MiB" if vm.get("memory_bytes") is not None else None),
+            ("Limits", _limits_text(vm)),
         ]
     )
+
+
+def _limits_text(vm: dict[str, Any]) -> str:
+    parts = []
+    if vm.get("cpu_weight") is not None:
+        parts.append(f"cpu weight {vm['cpu_weight']}")
+    if vm.get("cpu_max_percent") is not None:
+        parts.append(f"cpu max {vm['cpu_max_percent']}%")
+    if vm.get("memory_max_mib") is not None:
+        parts.append(f"memory max {vm['memory_max_mib']} MiB")
+    for i, d in enumerate(vm.get("disks", [])):
+        io = [f"{k} {d[k + '_total']}" for k in ("iops", "bps") if d.get(k + "_total")]
+        if io:
+            parts.append(f"disk{i} " + " ".join(io))
+    return ", ".join(parts) or "none"
 
 
 def vm_list(c: Client, a: argparse.Namespace) -> int:
@@ -117,12 +173,55 @@ def vm_create(c: Client, a: argparse.Namespace) -> int:
     for key in ("kernel", "initrd"):
         if getattr(a, key) is not None:
             body[key] = os.path.abspath(getattr(a, key))
+    for key in ("cpu_weight", "cpu_max_percent", "memory_max_mib"):
+        if getattr(a, key) is not None:
+            body[key] = getattr(a, key)
     if a.disk is not None:
-        body["disk_size_bytes"] = parse_size(a.disk)
+        disk = parse_disk_opts(a.disk, first="size")
+        if "size" in disk:
+            body["disk_size_bytes"] = disk["size"]
+        for key in ("iops_total", "bps_total"):
+            if disk.get(key) is not None:
+                body[f"disk_{key}"] = disk[key]
     vm = c.post("/v1/vms", body)
     if a.start:
         vm = c.post(_vm_url(a.name, "start"))
     return emit(a, vm, f"VM {vm['name']} created" + (" and started" if a.start else ""))
+
+
+def vm_set(c: Client, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    for key in ("cpu_weight", "cpu_max_percent", "memory_max_mib"):
+        if getattr(a, key) is not None:
+            body[key] = parse_limit(getattr(a, key))
+    disks = [parse_disk_opts(d, first="name") for d in a.disk]
+    if disks:
+        body["disks"] = disks
+    if not body:
+        raise CliError("nothing to set: give --cpu-weight, --cpu-max, --memory-max or --disk")
+    vm = c.request("PATCH", _vm_url(a.name), body)
+    return emit(a, vm, f"VM {a.name}: limits {_limits_text(vm)}")
+
+
+def vm_disks(c: Client, a: argparse.Namespace) -> int:
+    disks = c.get(_vm_url(a.name, "disks"))
+    if a.json:
+        print_json(disks)
+        return 0
+
+    def live(d: dict[str, Any], key: str) -> str:
+        value = (d.get("live") or {}).get(key)
+        return "-" if d.get("live") is None else str(value or "unlimited")
+
+    print_table(
+        ["name", "format", "path", "backing image", "iops", "bps", "live iops", "live bps"],
+        [
+            [d["name"], d["format"], d["path"], d.get("backing_image") or "-", d.get("iops_total") or "unlimited",
+             d.get("bps_total") or "unlimited", live(d, "iops"), live(d, "bps")]
+            for d in disks
+        ],
+    )  # fmt: skip
+    return 0
 
 
 def _simple_action(action: str, done: str) -> Callable[[Client, argparse.Namespace], int]:
@@ -279,6 +378,8 @@ def host_check(c: Client, a: argparse.Namespace) -> int:
     print(f"accelerator: {report['accelerator'] or 'none'}")
     for chk in report["checks"]:
         print(f"{chk['name'] + ':':<12} {'ok' if chk['ok'] else 'MISSING'} — {chk['detail']}")
+    iso = report["isolation"]
+    print(f"isolation:   {'in force' if iso['in_force'] else 'NOT in force — ' + '; '.join(iso['missing'])}")
     return 0 if report["accelerator"] else 1
 
 
@@ -307,8 +408,8 @@ class _Skipped:
 
 
 VERBS = {
-    "vm": {"create", "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown", "stop", "delete",
-           "autostart", "wait", "log", "console", "exec"},
+    "vm": {"create", "set", "disks", "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown",
+           "stop", "delete", "autostart", "wait", "log", "console", "exec"},
     "image": {"list", "demo"},
     "host": {"check"},
     "daemon": set(),
@@ -324,6 +425,16 @@ def _wanted(argv: list[str]) -> tuple[str, str] | None:
     if words and words[0] in VERBS and (not VERBS[words[0]] or (len(words) > 1 and words[1] in VERBS[words[0]])):
         return words[0], words[1] if VERBS[words[0]] else ""
     return None
+
+
+def _limit_flags(sp: Any, kind: type) -> None:
+    sp.add_argument("--cpu-weight", dest="cpu_weight", type=kind, metavar="N", help="CPU weight 1-10000 (default 100)")
+    sp.add_argument(
+        "--cpu-max", dest="cpu_max_percent", type=kind, metavar="PERCENT", help="CPU cap, %% of one CPU (200 = 2 CPUs)"
+    )
+    sp.add_argument(
+        "--memory-max", dest="memory_max_mib", type=kind, metavar="MIB", help="memory cap of the whole QEMU (MiB)"
+    )
 
 
 def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser:
@@ -355,10 +466,23 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp.add_argument("--kernel", metavar="FILE", help="direct kernel boot")
     sp.add_argument("--initrd", metavar="FILE")
     sp.add_argument("--cmdline", metavar="STRING", help="kernel command line")
-    sp.add_argument("--disk", metavar="SIZE", help="disk size, e.g. 10G (qcow2, thin)")
+    sp.add_argument(
+        "--disk",
+        metavar="[SIZE][,iops=N][,bps=N]",
+        help="disk size, e.g. 10G (qcow2, thin), and I/O limits, e.g. 10G,iops=500,bps=50M",
+    )
     sp.add_argument("--no-nic", action="store_true", help="no network card")
+    _limit_flags(sp, int)
     sp.add_argument("--autostart", action="store_true", help="start when the host boots")
     sp.add_argument("--start", action="store_true", help="start it right away")
+    sp = add(vm, "set", vm_set, "change resource limits (live when running; 'none' removes one)")
+    sp.add_argument("name")
+    _limit_flags(sp, str)
+    sp.add_argument(
+        "--disk", action="append", default=[], metavar="DISK,iops=N,bps=N", help="I/O limits of one disk (disk0, …)"
+    )
+    sp = add(vm, "disks", vm_disks, "list a VM's disks with their I/O limits (live values while it runs)")
+    sp.add_argument("name")
     sp = add(vm, "list", vm_list, "list VMs")
     for verb, fn, help_ in (
         ("info", vm_info, "show one VM"),

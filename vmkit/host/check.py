@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmkit.errors import CommandFailed
+from vmkit.errors import CommandFailed, VmkitError
 from vmkit.util.proc import run
 
 QEMU_CANDIDATES = ("qemu-system-x86_64", "/usr/libexec/qemu-kvm")
@@ -34,6 +34,8 @@ class HostReport:
     accelerators: dict[str, dict[str, Any]]
     accelerator: str | None
     checks: list[Check] = field(default_factory=list)
+    # Whether each VM's QEMU can run isolated: own identity, own cgroup, seccomp; and what is missing.
+    isolation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,14 +106,33 @@ def check_tcg(qemu: str | None) -> dict[str, Any]:
 
 
 def _cgroups() -> Check:
+    from vmkit.host.cgroups import Cgroups
+
+    cg = Cgroups.detect()
+    return Check("cgroups", cg.mode != "none", f"one cgroup per VM: {cg.describe()}")
+
+
+def _identity(id_range: str | None) -> Check:
+    """Can QEMU be started as a VM's own uid: setpriv present, and the id range free on this host."""
+    from vmkit.host import identity
+
+    if shutil.which(identity.SETPRIV) is None:
+        return Check("identity", False, "setpriv (util-linux) not found: QEMU cannot drop root")
     try:
-        mounts = Path("/proc/self/mounts").read_text()
-    except OSError:
-        return Check("cgroups", False, "cannot read /proc/self/mounts")
-    v2 = any(line.split()[2] == "cgroup2" for line in mounts.splitlines() if len(line.split()) > 2)
-    v1 = any(line.split()[2] == "cgroup" for line in mounts.splitlines() if len(line.split()) > 2)
-    kind = "hybrid (v1 and v2)" if v1 and v2 else "v2" if v2 else "v1" if v1 else "none"
-    return Check("cgroups", v1 or v2, f"cgroup hierarchy: {kind}")
+        r = identity.IdRange.parse(id_range) if id_range else identity.DEFAULT_RANGE
+    except VmkitError as e:
+        return Check("identity", False, e.message)
+    clash = identity.host_conflicts(r)
+    if clash:
+        return Check("identity", False, f"VM id range {r} overlaps {', '.join(clash[:3])}")
+    return Check("identity", True, f"one uid/gid per VM from {r}; no capabilities, no_new_privs")
+
+
+def _isolation(checks: list[Check]) -> dict[str, Any]:
+    by_name = {c.name: c for c in checks}
+    parts = ("identity", "cgroups", "seccomp")
+    missing = [f"{n}: {by_name[n].detail}" for n in parts if not by_name[n].ok]
+    return {"in_force": not missing, **{n: by_name[n].ok for n in parts}, "missing": missing}
 
 
 def _seccomp() -> Check:
@@ -142,7 +163,9 @@ def _kernel_module(name: str, sysfs: str, what: str) -> Check:
     return Check(name, ok, f"{what} {'available' if ok else 'missing'}")
 
 
-def host_check() -> HostReport:
+def host_check(id_range: str | None = None) -> HostReport:
+    """id_range: the daemon's VM id range (default: env VMKIT_ID_RANGE, else vmkit's default)."""
+    id_range = id_range or os.environ.get("VMKIT_ID_RANGE")
     qemu = find_qemu()
     version = None
     if qemu:
@@ -160,8 +183,9 @@ def host_check() -> HostReport:
         Check("tun", os.path.exists("/dev/net/tun"), "/dev/net/tun (tap NICs)"),
         _kernel_module("bridge", "/sys/class/net/bridge", "Linux bridge"),
         _nftables(),
+        _identity(id_range),
         _cgroups(),
         _seccomp(),
         Check("vhost-net", os.path.exists("/dev/vhost-net"), "/dev/vhost-net (faster virtio-net)"),
     ]
-    return HostReport(qemu, version, accels, chosen, checks)
+    return HostReport(qemu, version, accels, chosen, checks, _isolation(checks))

@@ -181,6 +181,19 @@ class CreateVm(_Strict):
         return v
 
 
+class LiveIoLimits(BaseModel):
+    iops: int | None = None
+    bps: int | None = None
+    group: str | None = None
+
+
+class DiskInfo(DiskSpec):
+    """A disk as GET /v1/vms/{name}/disks shows it."""
+
+    name: str
+    live: LiveIoLimits | None = None
+
+
 class VmInfo(BaseModel):
     """What GET /v1/vms and /v1/vms/{name} return."""
 

@@ -4,6 +4,10 @@ QEMU runs as its VM's unprivileged identity and has no rights on vmkit's directo
 dirs stay root-only): the daemon opens the sockets, the serial log, the kernel, the initrd and every image
 of every disk's backing chain, and QEMU receives the descriptors. Access follows from what was opened:
 images below the VM's own disk are opened read-only, so QEMU cannot write them even if it tried.
+
+The VM's own writable images are also owned by its identity (mode 0600, in the root-only vm dir), the way
+libvirt's DAC driver labels a domain's disks: a process of that identity can open them through QEMU's
+descriptors (/proc/PID/fd/N checks the file's owner), one of another VM's identity cannot.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def _open(stack: contextlib.ExitStack, path: str, flags: int, mode: int = 0o600)
 
 
 @contextlib.contextmanager
-def open_handover(spec: VmSpec, paths: RuntimePaths) -> Iterator[HandOver]:
+def open_handover(spec: VmSpec, paths: RuntimePaths, uid: int, gid: int) -> Iterator[HandOver]:
     """Open everything QEMU inherits; the daemon's copies are closed on exit (after the spawn).
 
     The QMP, serial and agent sockets are bound here, in the root-only run dir, and are already listening:
@@ -65,6 +69,9 @@ def open_handover(spec: VmSpec, paths: RuntimePaths) -> Iterator[HandOver]:
         disks = []
         for disk in spec.disks:
             top = _open(stack, disk.path, os.O_RDWR)
+            if disk.owned:
+                os.fchown(top, uid, gid)
+                os.fchmod(top, 0o600)
             chain = tuple((_open(stack, b.path, os.O_RDONLY), b.format) for b in backing_chain(disk.path, disk.format))
             disks.append(DiskFds(top, chain))
         yield HandOver(socks[0], socks[1], socks[2], log, kernel, initrd, tuple(disks))

@@ -524,6 +524,7 @@ class VmService:
                     if d.owned and os.path.exists(d.path):
                         kept = self._vm_dir.parent / "kept-disks" / f"{name}-{Path(d.path).name}"
                         kept.parent.mkdir(exist_ok=True, mode=0o700)
+                        os.chown(d.path, 0, 0)  # its identity may go to another VM later
                         os.replace(d.path, kept)
                         log.info("kept disk of %s at %s", name, kept)
             self._store.delete_vm(name)
@@ -618,7 +619,7 @@ class VmService:
                 cgroup = await asyncio.to_thread(self._cgroups.create, vm.cgroup_name, limits.cgroup_limits(vm.spec))
             elif limits.has_cgroup_limits(vm.spec):
                 raise Conflict(f"CPU and memory limits need cgroups, unusable here: {self._cgroups.describe()}")
-            with open_handover(vm.spec, paths) as fds:
+            with open_handover(vm.spec, paths, ident.uid, ident.gid) as fds:
                 argv = qemu_argv(vm.spec, paths, self._host, fds)
                 vm.proc, vm.popen = process.spawn(
                     argv,
