@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.replay import plain_argv  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402 - the same daemon harness the tests use
 
 READY = b"VMKIT-DEMO-READY"
@@ -57,50 +58,17 @@ def wait_for(path: Path, needle: bytes, timeout_s: float = 120) -> float:
     raise TimeoutError(f"{needle!r} not seen in {path}")
 
 
-def plain_qemu(argv: list[str], work: Path) -> tuple[float, float]:
-    """Run the argv vmkit used, without -S (nothing to `cont`), QMP on a pre-opened socket like vmkit's.
-    Returns (spawn -> QEMU running, spawn -> READY)."""
-    work.mkdir(parents=True, exist_ok=True)
-    qmp_path = work / "qmp.sock"
-    qmp_path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(qmp_path))
-    sock.listen(1)
+def plain_qemu(argv: list[str], vm: dict, work: Path) -> tuple[float, float]:
+    """Run the argv vmkit used (see replay.py: paths for descriptors, no -S), QMP on a pre-opened socket like
+    vmkit's. Returns (spawn -> QEMU running, spawn -> READY)."""
+    out, sock = plain_argv(argv, vm, work)
     log = work / "serial.log"
     log.unlink(missing_ok=True)
-    out: list[str] = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "-S":
-            continue
-        if out and out[-1] == "-pidfile":
-            a = str(work / "qemu.pid")
-        elif a.startswith("socket,id=mon0,fd="):
-            a = f"socket,id=mon0,fd={sock.fileno()},server=on,wait=off"
-        elif a.startswith("socket,id=serial0,"):
-            a = f"socket,id=serial0,path={work}/serial.sock,server=on,wait=off,logfile={log},logappend=off"
-        elif a.startswith("socket,id=qga0,"):
-            a = f"socket,id=qga0,path={work}/qga.sock,server=on,wait=off"
-        elif a.startswith("unix:") and a.endswith("vnc.sock"):
-            a = f"unix:{work}/vnc.sock"
-        elif a.startswith("driver=file,filename="):
-            # Its own overlay so the run does not touch the VM's disk.
-            src = a.split("filename=", 1)[1].split(",", 1)[0]
-            overlay = work / "disk.qcow2"
-            overlay.unlink(missing_ok=True)
-            subprocess.run(  # noqa: S603
-                ["qemu-img", "create", "-q", "-f", "qcow2", "-b", src, "-F", "qcow2", str(overlay)], check=True
-            )
-            a = a.replace(f"filename={src},", f"filename={overlay},")
-        out.append(a)
     t0 = time.monotonic()
     proc = subprocess.Popen(out, pass_fds=[sock.fileno()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
     sock.close()
     c = socket.socket(socket.AF_UNIX)
-    c.connect(str(qmp_path))
+    c.connect(str(work / "qmp.sock"))
     c.recv(4096)  # greeting: QEMU is initialised and (without -S) running
     running = time.monotonic() - t0
     ready = wait_for(log, READY) - t0
@@ -155,8 +123,9 @@ def main() -> None:
             res["start call -> QEMU running"].append(time.monotonic() - t0)
             vm_ready.append(wait_for(log, READY) - t0)
             argv = json.loads((d.run_dir / "vms" / name / "argv.json").read_text())
+            vm = d.vm(name)
             res["hard stop"].append(timed(lambda n=name: d.api.post(f"/v1/vms/{n}/destroy")))
-            pr, prdy = plain_qemu(argv, root / "plain")
+            pr, prdy = plain_qemu(argv, vm, root / "plain")
             plain_running.append(pr)
             plain_ready.append(prdy)
         # Runs alternate vmkit / plain QEMU, so each pair shares the machine's load at that moment.

@@ -9,6 +9,7 @@ APT_PACKAGES=(
   qemu-guest-agent                    # its qemu-ga goes into the demo guest
   busybox-static kmod cpio            # demo guest userland, depmod, initramfs packing
   python3 python3-venv                # the daemon and CLI
+  util-linux                          # setpriv: QEMU starts as its VM's own uid, without capabilities
   ca-certificates
 )
 

@@ -28,5 +28,13 @@ def test_unit_never_stops_vms(tmp_path: Path) -> None:
 
 def test_install_script_installs_what_the_code_runs() -> None:
     script = (ROOT / "scripts" / "install-deps.sh").read_text()
-    for package in ("qemu-system-x86", "qemu-utils", "qemu-guest-agent", "busybox-static", "kmod", "cpio"):
+    for package in (
+        "qemu-system-x86",
+        "qemu-utils",
+        "qemu-guest-agent",
+        "busybox-static",
+        "kmod",
+        "cpio",
+        "util-linux",
+    ):
         assert package in script

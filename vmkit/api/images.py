@@ -6,9 +6,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
 
 from vmkit.api.deps import Services, services
-from vmkit.model.vm import NAME_PATTERN
+from vmkit.model.vm import NAME_PATTERN, check_name
 
 router = APIRouter(prefix="/v1/images", tags=["images"])
 Svc = Annotated[Services, Depends(services)]
@@ -21,7 +22,12 @@ async def list_images(svc: Svc) -> list[dict[str, Any]]:
 
 @router.get("/{name}")
 async def get_image(
-    name: Annotated[str, Path(pattern=NAME_PATTERN, description="image name")], svc: Svc
+    name: Annotated[
+        str,
+        Path(description="image name", json_schema_extra={"pattern": NAME_PATTERN}),
+        AfterValidator(lambda v: check_name(v, "image")),
+    ],
+    svc: Svc,
 ) -> dict[str, Any]:
     return svc.images.get(name)
 

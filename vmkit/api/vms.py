@@ -14,12 +14,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from vmkit.api.deps import Services, services, unless_stopping, ws_services
 from vmkit.api.websocket import run_until_first_done
 from vmkit.errors import VmkitError
-from vmkit.model.vm import NAME_PATTERN, CreateVm, DiskInfo, SetVm, VmInfo, VmState
+from vmkit.model.vm import NAME_PATTERN, CreateVm, DiskInfo, SetVm, VmInfo, VmState, check_name
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
 Svc = Annotated[Services, Depends(services)]
-# Checked at the edge (400 for a malformed name) and stated in the OpenAPI document.
-VmName = Annotated[str, Path(pattern=NAME_PATTERN, description="VM name")]
+# Checked at the edge (400 for a malformed name, with check_name's message) and stated in the OpenAPI document.
+VmName = Annotated[
+    str, Path(description="VM name", json_schema_extra={"pattern": NAME_PATTERN}), AfterValidator(check_name)
+]
 # RFC 4648 base64 with its padding: what base64.b64encode makes.
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 _BASE64_RE = re.compile(BASE64_PATTERN)

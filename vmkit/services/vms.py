@@ -282,8 +282,7 @@ class VmService:
             proc = await asyncio.to_thread(process.find_by_uuid, vm.spec.uuid)
         if proc is not None and process.alive(proc):
             vm.proc = proc
-            cg = self._cgroups.get(vm.cgroup_name) if self._cgroups.mode != "none" else None
-            vm.cgroup = cg if cg is not None and cg.contains(proc.pid) else None
+            vm.cgroup = await asyncio.to_thread(self._find_cgroup, vm, proc)
             try:
                 await self._attach(vm)
                 status = await vm.monitor.query_status() if vm.monitor else "unknown"
@@ -313,6 +312,25 @@ class VmService:
             else:
                 self._set_state(vm, VmState.CRASHED, "QEMU exited while the daemon was not running")
         shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
+
+    def _find_cgroup(self, vm: VmRuntime, proc: process.QemuProcess) -> VmCgroup | None:
+        """The cgroup of a QEMU found running. One of ours that the daemon had no time to move in (it died
+        between spawn and attach) is moved in now; one started before isolation (as root) stays outside."""
+        if self._cgroups.mode == "none":
+            return None
+        cg = self._cgroups.get(vm.cgroup_name)
+        if cg is not None and cg.contains(proc.pid):
+            return cg
+        ident = identity.proc_identity(proc.pid)
+        if ident is None or ident.uid != vm.uid:
+            return None
+        try:
+            cg = self._cgroups.create(vm.cgroup_name, limits.cgroup_limits(vm.spec))
+            cg.attach(proc.pid)
+        except VmkitError as e:
+            log.warning("VM %s: cannot move QEMU into its cgroup: %s", vm.spec.name, e.message)
+            return None
+        return cg
 
     async def autostart(self, marker: Path) -> None:
         """Start autostart VMs once per host boot (marker lives on the run dir's tmpfs), as libvirt does,

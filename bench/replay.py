@@ -1,0 +1,64 @@
+"""Turn the argv vmkit recorded for a VM (RUN/vms/NAME/argv.json) into one plain QEMU can run by itself.
+
+vmkit hands QEMU descriptors (-add-fd, chardev fd=N, /proc/self/fd/N); a plain QEMU started by a benchmark
+gets the same options with paths instead, its own sockets and serial log in `work`, its own overlay on the
+same base image (the VM's disk is never touched), and no -S (nothing will `cont`). Everything else —
+machine, devices, sandbox, memory, the disk graph — is byte for byte what vmkit ran.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from vmkit.storage.qcow2 import backing_chain
+
+
+def plain_argv(argv: list[str], vm: dict[str, Any], work: Path) -> tuple[list[str], socket.socket]:
+    """(argv for plain QEMU, the listening QMP socket it must inherit). vm is GET /v1/vms/NAME."""
+    work.mkdir(parents=True, exist_ok=True)
+    qmp_path = work / "qmp.sock"
+    qmp_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(qmp_path))
+    listener.listen(16)
+    sets = {}  # fdset number -> the file vmkit had opened for it
+    for i, a in enumerate(argv):
+        if argv[i - 1] == "-add-fd":
+            opts = dict(kv.split("=", 1) for kv in a.split(","))
+            sets[opts["set"]] = opts["opaque"]
+    files: dict[str, str] = {"serial-log": str(work / "serial.log")}
+    for n, disk in enumerate(vm["disks"]):
+        chain = backing_chain(disk["path"], disk["format"])
+        for j, b in enumerate(chain, start=1):
+            files[f"disk{n}-b{j}"] = b.path
+        overlay = work / f"disk{n}.qcow2"
+        overlay.unlink(missing_ok=True)
+        base = ["-b", chain[0].path, "-F", chain[0].format] if chain else []
+        size = [] if chain else ["1G"]
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *base, str(overlay), *size], check=True)  # noqa: S603
+        files[f"disk{n}"] = str(overlay)
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("-S", "-add-fd"):
+            skip = a == "-add-fd"
+            continue
+        if out and out[-1] == "-kernel":
+            a = vm["kernel"]
+        elif out and out[-1] == "-initrd":
+            a = vm["initrd"]
+        elif a.startswith("socket,id=mon0,"):
+            a = f"socket,id=mon0,fd={listener.fileno()},server=on,wait=off"
+        elif a.startswith(("socket,id=serial0,", "socket,id=qga0,")):
+            name = "serial" if "serial0" in a else "qga"
+            a = re.sub(r"fd=\d+", f"path={work}/{name}.sock", a)
+        a = re.sub(r"/dev/fdset/(\d+)", lambda m: files[sets[m.group(1)]], a)
+        out.append(a)
+    return out, listener
