@@ -1,5 +1,5 @@
 # The two commands: `make demo` and `make test`. Both install what they need first.
-.PHONY: deps demo test lint unit e2e bench clean
+.PHONY: deps demo test lint unit fuzz e2e bench clean
 
 deps:
 	@bash scripts/install-deps.sh
@@ -12,11 +12,15 @@ lint: deps
 	.venv/bin/ruff format --check vmkit tests bench
 	.venv/bin/mypy
 
+# Includes tests/fuzz: the whole API fuzzed from its OpenAPI document (fixed seed, about a minute).
 test: deps lint
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 unit: deps
 	.venv/bin/python -m pytest -q tests/unit
+
+fuzz: deps
+	.venv/bin/python -m pytest -q -p no:cacheprovider tests/fuzz
 
 bench: deps
 	.venv/bin/python bench/lifecycle.py
