@@ -249,7 +249,7 @@ class VmService:
         await asyncio.gather(*(self._reattach(vm) for vm in self._vms.values()))
         # Cgroups of our VMs whose QEMU is gone (it ended while the daemon was away).
         ours = {vm.cgroup_name for vm in self._vms.values() if vm.cgroup is None}
-        for name in set(self._cgroups.names()) & ours if self._cgroups.mode != "none" else ():
+        for name in set(self._cgroups.names()) & ours:
             with contextlib.suppress(VmkitError):
                 await asyncio.to_thread(self._cgroups.remove, name)
 
@@ -625,7 +625,6 @@ class VmService:
         if vm.uid is None:
             raise Conflict(f"cannot start {vm.spec.name!r}: it has no identity yet")
         ident = identity.Identity(vm.uid, vm.uid)
-        cgroup = None
         try:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
             # Both dirs stay root-only: QEMU reaches nothing in them but through the descriptors it is handed.
@@ -634,7 +633,7 @@ class VmService:
             paths.qemu_log.write_bytes(b"")  # both logs hold one run: the latest
             paths.qmp_log.write_bytes(b"")
             if self._cgroups.mode != "none":
-                cgroup = await asyncio.to_thread(self._cgroups.create, vm.cgroup_name, limits.cgroup_limits(vm.spec))
+                vm.cgroup = await asyncio.to_thread(self._cgroups.create, vm.cgroup_name, limits.cgroup_limits(vm.spec))
             elif limits.has_cgroup_limits(vm.spec):
                 raise Conflict(f"CPU and memory limits need cgroups, unusable here: {self._cgroups.describe()}")
             with open_handover(vm.spec, paths, ident.uid, ident.gid) as fds:
@@ -644,14 +643,11 @@ class VmService:
                     paths,
                     pass_fds=fds.all(),
                     launcher=identity.launcher(ident, extra_gids=self._extra_gids),
-                    cgroup=cgroup,
+                    cgroup=vm.cgroup,
                 )
-            vm.cgroup = cgroup
         except (OSError, ValueError, VmkitError) as e:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
-            if cgroup is not None:
-                with contextlib.suppress(VmkitError):
-                    await asyncio.to_thread(self._cgroups.remove, vm.cgroup_name)
+            await self._drop_cgroup(vm)
             self._set_state(vm, VmState.SHUTOFF, "failed")
             # Keep the class (and so the HTTP status) of a refusal vmkit made on purpose.
             cls, detail = (type(e), e.message) if isinstance(e, VmkitError) else (VmkitError, str(e))
