@@ -41,6 +41,7 @@ The VM 'demo' is running. Try:
   vmkit vm exec demo -- uname -a      # run a command through the guest agent
   vmkit vm console demo               # serial console (Ctrl-] leaves)
   vmkit vm log demo                   # boot log so far
+  vmkit vm info demo                  # its QEMU's own uid and cgroup, CPU time, memory
   vmkit vm shutdown demo              # ACPI power-off
   vmkit --help
 Stop the daemon: $how_stop
