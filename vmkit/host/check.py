@@ -59,8 +59,15 @@ def cpu_virt_flags(cpuinfo: str) -> set[str]:
 
 
 def _probe_kvm(qemu: str) -> tuple[bool, str]:
-    """Start a throwaway VM under KVM with the host CPU model and run it briefly."""
-    argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35,accel=kvm",
+    """Start a throwaway VM under KVM with the host CPU model and run it briefly.
+
+    Like every QEMU vmkit runs, not as root: as `nobody`, with /dev/kvm's group, as a VM's QEMU would get."""
+    from vmkit.host import identity
+
+    kvm = identity.kvm_gid()
+    nobody = identity.Identity(65534, 65534)
+    launcher = identity.launcher(nobody, extra_gids=(kvm,) if kvm is not None else ())
+    argv = [*launcher, qemu, "-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35,accel=kvm",
             "-cpu", "host", "-m", "32", "-qmp", "stdio", "-S"]  # fmt: skip
     script = '{"execute":"qmp_capabilities"}\n{"execute":"cont"}\n{"execute":"query-status"}\n{"execute":"quit"}\n'
     try:
@@ -91,6 +98,12 @@ def check_kvm(qemu: str | None, cpuinfo: str) -> dict[str, Any]:
         return info
     if qemu is None:
         info["detail"] = "QEMU not found, cannot probe"
+        return info
+    if not os.stat("/dev/kvm").st_mode & 0o060:
+        info["detail"] = (
+            "/dev/kvm is root-only: QEMU runs unprivileged and needs it group-accessible "
+            "(Debian's udev rule makes it root:kvm 0660)"
+        )
         return info
     ok, detail = _probe_kvm(qemu)
     info.update(usable=ok, detail=f"CPU flags {','.join(sorted(flags))}; {detail}")
