@@ -126,14 +126,17 @@ class Daemon:
             time.sleep(0.02)
 
     def qemu_pids(self) -> list[int]:
-        """Every process whose command line points into this daemon's dirs (its QEMUs, real or fake),
-        found from /proc so a test that removed a pid file cannot leak one."""
+        """Every process started for this daemon (its QEMUs, real or fake), found from /proc so a test that
+        removed a pid file cannot leak one. QEMU is handed descriptors, not paths, so its command line
+        names none of the daemon's dirs; it inherits the daemon's environment, which does."""
         root = str(self.root).encode()
         pids = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        for proc in Path("/proc").glob("[0-9]*"):
             with contextlib.suppress(OSError, ValueError):
-                if root in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                    pids.append(int(cmdline.parent.name))
+                if int(proc.name) != os.getpid() and (
+                    root in (proc / "cmdline").read_bytes() or root in (proc / "environ").read_bytes()
+                ):
+                    pids.append(int(proc.name))
         return pids
 
     def cleanup(self) -> None:
