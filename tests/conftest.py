@@ -32,6 +32,23 @@ FAKE_QEMU = _SESSION / "fake_qemu.py"
 shutil.copy(ROOT / "tests" / "fakes" / "fake_qemu.py", FAKE_QEMU)
 FAKE_QEMU.chmod(0o755)
 ID_REGISTRY = _SESSION / "id-ranges"
+# Test daemons put their VMs' cgroups under a parent of their own, removed when the session ends (a QEMU a
+# test kills while its daemon is down leaves an empty cgroup that no daemon comes back to clean).
+CGROUP_PARENT = f"vmkit-test-{os.getpid()}"
+
+
+def _remove_test_cgroups() -> None:
+    from vmkit.host.cgroups import Cgroups
+
+    cgroups = Cgroups.detect(parent=CGROUP_PARENT)
+    for name in cgroups.names():
+        with contextlib.suppress(Exception):
+            cgroups.remove(name)
+    with contextlib.suppress(Exception):
+        cgroups.remove_parent()
+
+
+atexit.register(_remove_test_cgroups)
 _daemons = itertools.count()
 
 
@@ -57,6 +74,7 @@ class Daemon:
             "VMKIT_CACHE_DIR": str(CACHE_DIR),
             "VMKIT_ID_RANGE": unique_id_range(),
             "VMKIT_ID_REGISTRY": str(ID_REGISTRY),
+            "VMKIT_CGROUP_PARENT": CGROUP_PARENT,
             **(env or {}),
         }
         self.socket = Path(self.env["VMKIT_SOCKET"])

@@ -42,8 +42,12 @@ def _status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
-def _cgroup_files(vm: dict) -> dict[str, str]:
-    cg = Cgroups.detect().get(vm["cgroup"].rsplit("/", 1)[1])
+def _cgroups(d: Daemon) -> Cgroups:
+    return Cgroups.detect(parent=d.env["VMKIT_CGROUP_PARENT"])
+
+
+def _cgroup_files(d: Daemon, vm: dict) -> dict[str, str]:
+    cg = _cgroups(d).get(vm["cgroup"].rsplit("/", 1)[1])
     assert cg is not None, vm["cgroup"]
     return cg.read_limits()
 
@@ -60,7 +64,7 @@ def test_qemu_runs_unprivileged_in_its_own_cgroup(daemon: Daemon) -> None:
     assert int(st["CapEff"], 16) == 0 and int(st["CapPrm"], 16) == 0 and int(st["CapBnd"], 16) == 0
     assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
     # In its own cgroup, which accounts for it.
-    assert info["cgroup"].startswith("/vmkit/priv.")
+    assert info["cgroup"].startswith(f"/{d.env['VMKIT_CGROUP_PARENT']}/priv.")
     cgroup_lines = Path(f"/proc/{vm['pid']}/cgroup").read_text().splitlines()
     assert any(line.endswith(":" + info["cgroup"]) for line in cgroup_lines), cgroup_lines
     assert info["cpu_time_ns"] > 0 and info["memory_bytes"] > 0
@@ -72,7 +76,7 @@ def test_qemu_runs_unprivileged_in_its_own_cgroup(daemon: Daemon) -> None:
     assert not [a for a in argv[1:] if str(d.root) in a]
     d.cli("vm", "stop", "priv", "--force")
     # Its cgroup goes with it.
-    assert Cgroups.detect().get(info["cgroup"].rsplit("/", 1)[1]) is None
+    assert _cgroups(d).get(info["cgroup"].rsplit("/", 1)[1]) is None
 
 
 _PROBE = r"""
@@ -139,8 +143,8 @@ def test_limits_land_in_the_cgroup_and_change_live(daemon: Daemon) -> None:
     _boot(d, "lim", "--memory-max", "1024", "--cpu-max", "50", "--cpu-weight", "300")
     vm = d.vm("lim")
     assert (vm["memory_max_mib"], vm["cpu_max_percent"], vm["cpu_weight"]) == (1024, 50, 300)
-    files = _cgroup_files(vm)
-    cg = Cgroups.detect()
+    files = _cgroup_files(d, vm)
+    cg = _cgroups(d)
     if cg.mode == "v1":
         assert files["memory.limit_in_bytes"] == str(1024 * 2**20)
         assert (files["cpu.cfs_quota_us"], files["cpu.cfs_period_us"]) == ("50000", "100000")
@@ -151,7 +155,7 @@ def test_limits_land_in_the_cgroup_and_change_live(daemon: Daemon) -> None:
     # Changed live, like virsh schedinfo/memtune; `none` removes a limit.
     out = json.loads(d.cli("vm", "set", "lim", "--cpu-max", "20", "--memory-max", "none", "--json").stdout)
     assert (out["cpu_max_percent"], out["memory_max_mib"], out["cpu_weight"]) == (20, None, 300)
-    files = _cgroup_files(d.vm("lim"))
+    files = _cgroup_files(d, d.vm("lim"))
     if cg.mode == "v1":
         assert files["cpu.cfs_quota_us"] == "20000"
         assert int(files["memory.limit_in_bytes"]) > 2**60  # unlimited
@@ -160,7 +164,7 @@ def test_limits_land_in_the_cgroup_and_change_live(daemon: Daemon) -> None:
     # Kept for the next start.
     d.cli("vm", "stop", "lim", "--force")
     d.cli("vm", "start", "lim")
-    assert _cgroup_files(d.vm("lim"))["cpu.cfs_quota_us" if cg.mode == "v1" else "cpu.max"].startswith("20000")
+    assert _cgroup_files(d, d.vm("lim"))["cpu.cfs_quota_us" if cg.mode == "v1" else "cpu.max"].startswith("20000")
     d.cli("vm", "stop", "lim", "--force")
 
 

@@ -20,7 +20,7 @@ def test_daemon_death_between_spawn_and_cgroup_is_finished_at_restart(fake_daemo
     d.kill9()
     # As if the daemon died right after spawning: QEMU outside its cgroup, and no pid record yet.
     cg_name = vm["cgroup"].rsplit("/", 1)[1]
-    cgroups = Cgroups.detect()
+    cgroups = Cgroups.detect(parent=d.env["VMKIT_CGROUP_PARENT"])
     cg = cgroups.get(cg_name)
     assert cg is not None and cg.contains(vm["pid"])
     for path in cg.dirs:
