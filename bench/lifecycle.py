@@ -69,11 +69,23 @@ def plain_qemu(argv: list[str], vm: dict, work: Path) -> tuple[float, float]:
     sock.close()
     c = socket.socket(socket.AF_UNIX)
     c.connect(str(work / "qmp.sock"))
-    c.recv(4096)  # greeting: QEMU is initialised and (without -S) running
+    # The greeting comes from QEMU's monitor thread before the machine is built: "running" is when
+    # query-status (answered by the main loop) says so, as vmkit's `cont` returning is for vmkit.
+    f = c.makefile("rw")
+    f.readline()
+    f.write('{"execute":"qmp_capabilities"}\n')
+    f.flush()
+    f.readline()
+    while True:
+        f.write('{"execute":"query-status"}\n')
+        f.flush()
+        if '"running"' in f.readline():
+            break
     running = time.monotonic() - t0
     ready = wait_for(log, READY) - t0
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    f.close()
     c.close()
     return running, ready
 

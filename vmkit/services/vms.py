@@ -62,6 +62,9 @@ _QEMU_STATES = {
 }
 
 
+# Connect and negotiate QMP with a QEMU this daemon has just spawned (see _launch).
+START_QMP_TIMEOUT_S = 60.0
+
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 
@@ -354,7 +357,7 @@ class VmService:
                 vm.monitor = None
 
     # ----- watching QEMU -------------------------------------------------------------------------
-    async def _attach(self, vm: VmRuntime) -> None:
+    async def _attach(self, vm: VmRuntime, *, timeout_s: float = 5.0) -> None:
         """Connect QMP and watch the process. vm.proc must be set."""
         assert vm.proc is not None
         vm.exited = asyncio.Event()
@@ -365,7 +368,7 @@ class VmService:
         asyncio.get_running_loop().add_reader(fd, self._on_pidfd, vm)
         mon = qmp.Monitor(vm.spec.name, log_path=vm.paths.qmp_log)
         try:
-            await mon.connect(vm.paths.qmp_sock, lambda ev, data: self._on_event(vm, ev, data))
+            await mon.connect(vm.paths.qmp_sock, lambda ev, data: self._on_event(vm, ev, data), timeout_s=timeout_s)
         except Exception:
             await mon.close()
             raise
@@ -653,7 +656,10 @@ class VmService:
             cls, detail = (type(e), e.message) if isinstance(e, VmkitError) else (VmkitError, str(e))
             raise cls(f"cannot start {vm.spec.name!r}: {detail}") from e
         try:
-            await self._attach(vm)
+            # QEMU answers qmp_capabilities once it has built the machine: 20 starting at once under TCG on 2 CPUs
+            # took up to 4.4 s, and with other load on the host most of 20 starts failed the 5 s of re-attach. A
+            # QEMU that dies meanwhile resets the connection at once, so a longer wait only waits for a slow one.
+            await self._attach(vm, timeout_s=START_QMP_TIMEOUT_S)
             await limits.apply_disks(vm.monitor, vm.spec, only_limited=True)  # type: ignore[arg-type]
             await vm.monitor.cont()  # type: ignore[union-attr]
         except Exception as e:
