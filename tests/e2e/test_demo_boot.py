@@ -22,11 +22,14 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import unique_id_range
+from vmkit.host import identity
 from vmkit.images.demo import ELF_MAGIC, READY_LINE, VMLINUX, DemoImage, build_demo, pvh_entry
 from vmkit.util import proc
 
 pytestmark = pytest.mark.e2e
 
+QEMU_UID = int(unique_id_range(1).split(":")[0])
 TOOLS = ("qemu-system-x86_64", "qemu-img", "apt-get", "apt-cache", "dpkg-deb", "depmod", "modinfo", "ldd")
 
 
@@ -185,7 +188,10 @@ class Qmp(_LineSocket):
 
 
 class DemoVm:
-    """QEMU running the demo image. paused and no_shutdown add -S and -no-shutdown, as vmkit runs QEMU."""
+    """QEMU running the demo image. paused and no_shutdown add -S and -no-shutdown, as vmkit runs QEMU.
+
+    Like every QEMU of this project it never runs as root: it starts as an unprivileged uid that owns its run
+    dir (the image's files are world-readable)."""
 
     def __init__(self, image: DemoImage, rundir: Path, *, paused: bool = False, no_shutdown: bool = False) -> None:
         self.rundir = rundir
@@ -196,7 +202,10 @@ class DemoVm:
         subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-b", image.disk, "-F", "qcow2", overlay], check=True
         )
+        for path in (rundir, overlay):
+            os.chown(path, QEMU_UID, QEMU_UID)
         argv = [
+            *identity.launcher(identity.Identity(QEMU_UID, QEMU_UID)),
             "qemu-system-x86_64", "-machine", "q35,accel=tcg", "-m", "256",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", image.cmdline,

@@ -58,6 +58,13 @@ def cpu_virt_flags(cpuinfo: str) -> set[str]:
     return found
 
 
+def _unprivileged(extra_gids: tuple[int, ...] = ()) -> list[str]:
+    """Prefix that runs a QEMU query as `nobody`: vmkit runs no QEMU as root, not even to ask its version."""
+    from vmkit.host import identity
+
+    return identity.launcher(identity.Identity(65534, 65534), extra_gids=extra_gids)
+
+
 def _probe_kvm(qemu: str) -> tuple[bool, str]:
     """Start a throwaway VM under KVM with the host CPU model and run it briefly.
 
@@ -65,8 +72,7 @@ def _probe_kvm(qemu: str) -> tuple[bool, str]:
     from vmkit.host import identity
 
     kvm = identity.kvm_gid()
-    nobody = identity.Identity(65534, 65534)
-    launcher = identity.launcher(nobody, extra_gids=(kvm,) if kvm is not None else ())
+    launcher = _unprivileged(extra_gids=(kvm,) if kvm is not None else ())
     argv = [*launcher, qemu, "-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35,accel=kvm",
             "-cpu", "host", "-m", "32", "-qmp", "stdio", "-S"]  # fmt: skip
     script = '{"execute":"qmp_capabilities"}\n{"execute":"cont"}\n{"execute":"query-status"}\n{"execute":"quit"}\n'
@@ -113,7 +119,7 @@ def check_kvm(qemu: str | None, cpuinfo: str) -> dict[str, Any]:
 def check_tcg(qemu: str | None) -> dict[str, Any]:
     if qemu is None:
         return {"present": False, "usable": False, "detail": "QEMU not found"}
-    res = run([qemu, "-accel", "help"], check=False, timeout_s=20)
+    res = run([*_unprivileged(), qemu, "-accel", "help"], check=False, timeout_s=20)
     ok = res.ok and re.search(r"^tcg$", res.stdout, re.M) is not None
     return {"present": ok, "usable": ok, "detail": "software emulation (slow)" if ok else "not built in"}
 
@@ -182,7 +188,7 @@ def host_check(id_range: str | None = None) -> HostReport:
     qemu = find_qemu()
     version = None
     if qemu:
-        res = run([qemu, "--version"], check=False, timeout_s=20)
+        res = run([*_unprivileged(), qemu, "--version"], check=False, timeout_s=20)
         m = re.search(r"version (\S+)", res.stdout)
         version = m.group(1) if m else None
     try:
