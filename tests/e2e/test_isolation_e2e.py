@@ -7,34 +7,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon, unique_id_range
-from tests.e2e.test_vm_e2e import wait_ready
+from tests.e2e.guest import boot
 from vmkit.host.cgroups import Cgroups
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("iso"))
-    d.start()
-    try:
-        d.cli("image", "demo", timeout_s=900)
-        yield d
-    finally:
-        d.cleanup()
-
-
-def _boot(d: Daemon, name: str, *args: str) -> dict:
-    d.cli("vm", "create", name, "--image", "demo", "--memory", "256", *args)
-    vm = json.loads(d.cli("vm", "start", name, "--json").stdout)
-    wait_ready(d, name)
-    return vm
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -54,7 +35,7 @@ def _cgroup_files(d: Daemon, vm: dict) -> dict[str, str]:
 
 def test_qemu_runs_unprivileged_in_its_own_cgroup(daemon: Daemon) -> None:
     d = daemon
-    vm = _boot(d, "priv")
+    vm = boot(d, "priv")
     info = d.vm("priv")
     st = _status(vm["pid"])
     uids, gids = st["Uid"].split(), st["Gid"].split()
@@ -101,7 +82,7 @@ print(json.dumps(results))
 
 def test_one_vm_identity_cannot_reach_another_vm_or_the_daemon(daemon: Daemon) -> None:
     d = daemon
-    a, b = _boot(d, "ida"), _boot(d, "idb")
+    a, b = boot(d, "ida"), boot(d, "idb")
     ia, ib = d.vm("ida"), d.vm("idb")
     assert ia["uid"] != ib["uid"] and ia["gid"] != ib["gid"]
 
@@ -140,7 +121,7 @@ def test_one_vm_identity_cannot_reach_another_vm_or_the_daemon(daemon: Daemon) -
 
 def test_limits_land_in_the_cgroup_and_change_live(daemon: Daemon) -> None:
     d = daemon
-    _boot(d, "lim", "--memory-max", "1024", "--cpu-max", "50", "--cpu-weight", "300")
+    boot(d, "lim", "--memory-max", "1024", "--cpu-max", "50", "--cpu-weight", "300")
     vm = d.vm("lim")
     assert (vm["memory_max_mib"], vm["cpu_max_percent"], vm["cpu_weight"]) == (1024, 50, 300)
     files = _cgroup_files(d, vm)
@@ -178,7 +159,7 @@ def _guest_exec(d: Daemon, name: str, script: str, timeout_s: float = 120) -> tu
 
 def test_cpu_max_caps_a_cpu_burner(daemon: Daemon) -> None:
     d = daemon
-    _boot(d, "burn", "--cpu-max", "20")
+    boot(d, "burn", "--cpu-max", "20")
     d.cli("vm", "wait", "burn", "--for", "agent", "--timeout", "60")
     _guest_exec(d, "burn", "while :; do :; done </dev/null >/dev/null 2>&1 &")
     time.sleep(1)  # let the burner reach its steady state
@@ -193,7 +174,7 @@ def test_cpu_max_caps_a_cpu_burner(daemon: Daemon) -> None:
 
 def test_iops_limit_shows_in_query_block_and_slows_the_guest(daemon: Daemon) -> None:
     d = daemon
-    _boot(d, "io", "--disk", "iops=20")
+    boot(d, "io", "--disk", "iops=20")
     d.cli("vm", "wait", "io", "--for", "agent", "--timeout", "60")
     disk = json.loads(d.cli("vm", "disks", "io", "--json").stdout)[0]
     assert disk["iops_total"] == 20 and disk["live"]["iops"] == 20 and disk["live"]["group"] == "disk0"

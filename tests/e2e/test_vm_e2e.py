@@ -7,43 +7,15 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Daemon
+from tests.e2e.guest import boot, wait_ready
 from vmkit.cli.client import ApiError
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("e2e"))
-    d.start()
-    try:
-        d.cli("image", "demo", timeout_s=900)
-        yield d
-    finally:
-        d.cleanup()
-
-
-def _boot(d: Daemon, name: str, *, wait: bool = True) -> dict:
-    d.cli("vm", "create", name, "--image", "demo", "--memory", "256")
-    vm = json.loads(d.cli("vm", "start", name, "--json").stdout)
-    if wait:
-        wait_ready(d, name)
-    return vm
-
-
-def wait_ready(d: Daemon, name: str, count: int = 1, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if d.cli("vm", "log", name).stdout.count("VMKIT-DEMO-READY") >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{name}: no VMKIT-DEMO-READY on serial: {d.cli('vm', 'log', name).stdout[-1500:]}")
 
 
 def _exec(d: Daemon, name: str, *cmd: str) -> dict:
@@ -55,7 +27,7 @@ def _exec(d: Daemon, name: str, *cmd: str) -> dict:
 def test_lifecycle(daemon: Daemon) -> None:
     d = daemon
     image = d.api.get("/v1/images/demo")
-    vm = _boot(d, "life")
+    vm = boot(d, "life")
     assert vm["state"] == "running"
     d.cli("vm", "wait", "life", "--for", "agent", "--timeout", "60")
     res = d.cli("vm", "exec", "life", "--", "uname", "-r")
@@ -81,7 +53,7 @@ def test_disk_is_an_overlay_never_the_image(daemon: Daemon) -> None:
     d = daemon
     image = d.api.get("/v1/images/demo")
     before = hashlib.sha256(Path(image["disk"]).read_bytes()).hexdigest()
-    vm = _boot(d, "ovl")
+    vm = boot(d, "ovl")
     d.cli("vm", "wait", "ovl", "--for", "agent")
     disk = vm["disks"][0]["path"]
     assert disk != image["disk"] and Path(disk).is_relative_to(d.state_dir / "vms" / "ovl")
@@ -98,7 +70,7 @@ def test_reboot_and_console(daemon: Daemon) -> None:
     from websockets.sync.client import unix_connect
 
     d = daemon
-    pid = _boot(d, "rb")["pid"]
+    pid = boot(d, "rb")["pid"]
     with unix_connect(str(d.socket), "ws://localhost/v1/vms/rb/console") as ws:
         ws.send(b"\necho con-$((40+2))\n")
         got = b""
@@ -151,7 +123,7 @@ def _cli_console_in_a_pty(d: Daemon, name: str) -> None:
 def test_daemon_killed_vms_survive_and_crash_is_noticed(daemon: Daemon) -> None:
     d = daemon
     names = ["s1", "s2", "s3"]
-    pids = {n: _boot(d, n, wait=False)["pid"] for n in names}
+    pids = {n: boot(d, n, wait=False)["pid"] for n in names}
     for n in names:
         wait_ready(d, n)
     d.kill9()
