@@ -25,3 +25,4 @@ fuzz: deps
 bench: deps
 	.venv/bin/python bench/lifecycle.py
 	.venv/bin/python bench/concurrent_start.py
+	.venv/bin/python bench/metrics.py

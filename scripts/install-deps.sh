@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3 python3-venv                # the daemon and CLI
   util-linux                          # setpriv: QEMU starts as its VM's own uid, without capabilities
   ca-certificates
+  openssl                             # the TCP listener's self-signed TLS pair
 )
 
 missing=()

@@ -14,9 +14,11 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.errors import InvalidInput
 from vmkit.util.unixsock import listen_unix
 
 log = logging.getLogger("vmkit")
@@ -36,13 +38,27 @@ class DaemonConfig:
     id_range: str | None = None  # FIRST-LAST or FIRST:COUNT; None: identity.DEFAULT_*
     id_registry: Path | None = None  # where state dirs on this host record their ranges
     cgroup_parent: str = "vmkit"
+    listen: str | None = None  # HOST:PORT of the TCP listener (token required), none by default
+    tls: bool | None = None  # True/False when asked (--tls/--no-tls); None: TLS unless on loopback
+    tls_cert: str | None = None  # None (with tls_key None): a self-signed pair in STATE/tls/
+    tls_key: str | None = None
 
     @classmethod
     def from_env(
-        cls, state_dir: str | None, run_dir: str | None, sock: str | None, id_range: str | None = None
+        cls,
+        state_dir: str | None,
+        run_dir: str | None,
+        sock: str | None,
+        id_range: str | None = None,
+        *,
+        listen: str | None = None,
+        tls: bool | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> DaemonConfig:
         run = Path(run_dir or os.environ.get("VMKIT_RUN_DIR", DEFAULT_RUN_DIR))
         registry = os.environ.get("VMKIT_ID_REGISTRY")
+        tls_env = os.environ.get("VMKIT_TLS")
         return cls(
             state_dir=Path(state_dir or os.environ.get("VMKIT_STATE_DIR", DEFAULT_STATE_DIR)),
             run_dir=run,
@@ -51,6 +67,10 @@ class DaemonConfig:
             id_range=id_range or os.environ.get("VMKIT_ID_RANGE"),
             id_registry=Path(registry) if registry else None,
             cgroup_parent=os.environ.get("VMKIT_CGROUP_PARENT", "vmkit"),
+            listen=listen or os.environ.get("VMKIT_LISTEN") or None,
+            tls=tls if tls is not None else (tls_env not in ("0", "no", "off") if tls_env else None),
+            tls_cert=tls_cert or os.environ.get("VMKIT_TLS_CERT") or None,
+            tls_key=tls_key or os.environ.get("VMKIT_TLS_KEY") or None,
         )
 
 
@@ -63,19 +83,59 @@ def _bind_api_socket(path: Path) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class TcpListener:
+    sock: socket.socket
+    url: str
+    cert: Path | None  # None: plain HTTP (loopback only)
+    key: Path | None
+    fingerprint: str | None  # SHA-256 of the certificate (DER), hex
+
+
+def _bind_tcp(cfg: DaemonConfig) -> TcpListener | None:
+    """The TCP listener, bound, with its TLS pair (made once when none is given), or None when not asked for."""
+    from vmkit.host import tls
+
+    if not cfg.listen:
+        return None
+    host, port = tls.parse_listen(cfg.listen)
+    cert = key = fp = None
+    if tls.use_tls(host, tls=cfg.tls, cert=cfg.tls_cert, key=cfg.tls_key):
+        if cfg.tls_cert and cfg.tls_key:
+            cert, key = Path(cfg.tls_cert), Path(cfg.tls_key)
+        else:
+            cert, key = tls.ensure_self_signed(cfg.state_dir / "tls", host)
+        tls.check_pair(cert, key)
+        fp = tls.fingerprint(cert)
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as e:
+        raise InvalidInput(f"cannot listen on {cfg.listen}: {e.strerror or e}") from None
+    shown = f"[{host}]" if ":" in host else host
+    return TcpListener(sock, f"{'https' if cert else 'http'}://{shown}:{port}", cert, key, fp)
+
+
 async def serve(cfg: DaemonConfig) -> None:
     import uvicorn
+    from starlette.types import ASGIApp
 
     from vmkit.api.app import create_app
+    from vmkit.api.auth import TokenAuth
     from vmkit.api.deps import Services
     from vmkit.errors import VmkitError
     from vmkit.host import identity
     from vmkit.host.cgroups import Cgroups
     from vmkit.host.check import host_check
     from vmkit.qemu.argv import HostConfig
+    from vmkit.services.auth import TokenService
     from vmkit.services.events import EventBus
     from vmkit.services.images import ImageService
     from vmkit.services.operations import Operations
+    from vmkit.services.stats import StatsService
     from vmkit.services.vms import VmService
     from vmkit.store.db import SchemaTooNew, Store
 
@@ -90,6 +150,10 @@ async def serve(cfg: DaemonConfig) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise SystemExit(f"vmkit: another daemon already uses {cfg.state_dir}") from None
+    try:
+        tcp = _bind_tcp(cfg)
+    except VmkitError as e:
+        raise SystemExit(f"vmkit: {e.message}") from None
 
     report = await asyncio.to_thread(host_check, cfg.id_range)
     if report.accelerator is None or report.qemu_path is None:
@@ -132,38 +196,88 @@ async def serve(cfg: DaemonConfig) -> None:
         cgroups=cgroups,
     )
     await vms.load()
-    svc = Services(vms=vms, images=images, ops=Operations(bus), bus=bus, host=host, host_report=report.to_dict())
+    stats = StatsService(vms)
+    stats.start()
+    svc = Services(
+        vms=vms,
+        images=images,
+        ops=Operations(bus),
+        bus=bus,
+        host=host,
+        host_report=report.to_dict(),
+        stats=stats,
+        auth=TokenService(store=store),
+        tls_fingerprint=tcp.fingerprint if tcp else None,
+    )
     app = create_app(svc)
     sock = _bind_api_socket(cfg.socket)
+
+    servers: list[uvicorn.Server] = []
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             # Requests that only wait (vm wait, operation ?wait_s) answer 503 at once rather than holding the
             # stop up for the whole grace period below and then being cancelled.
             app.state.stopping.set()
+            for other in servers:  # the UNIX socket and the TCP listener stop together
+                other.should_exit = True
             await super().shutdown(sockets=sockets)
 
-    server = Server(
-        uvicorn.Config(
-            app,
+    class TcpServer(Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # Signals are the UNIX socket's server's to catch (one handler per signal); it stops this one.
+            yield
+
+    def config(asgi: ASGIApp, cert: Path | None = None, key: Path | None = None) -> uvicorn.Config:
+        return uvicorn.Config(
+            asgi,
             log_level="warning",
             lifespan="off",
             access_log=False,
+            proxy_headers=False,
             ws="websockets-sansio",
+            ssl_certfile=cert,
+            ssl_keyfile=key,
             # Open consoles and event streams must not keep a stopping daemon alive (VMs are unaffected).
             timeout_graceful_shutdown=3,
         )
-    )
+
+    server = Server(config(app))
+    servers.append(server)
+    tcp_server = None
+    if tcp is not None:
+        # The same app (one state), wrapped so that every request over TCP must carry a token.
+        tcp_server = TcpServer(config(TokenAuth(app, svc.auth), tcp.cert, tcp.key))
+        servers.append(tcp_server)
     # uvicorn re-raises the stop signal once it has shut down; a no-op handler here lets that land without
     # killing the process, so the clean-up below (detach from QEMUs, close the store) runs.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     autostart = asyncio.create_task(vms.autostart(cfg.run_dir / "autostart.done"))
     log.info("vmkit daemon listening on %s (state %s)", cfg.socket, cfg.state_dir)
+    tcp_task = None
+    if tcp is not None and tcp_server is not None:
+        tls_note = f"TLS certificate SHA-256 fingerprint {tcp.fingerprint}" if tcp.fingerprint else "plain HTTP"
+        log.info("vmkit daemon listening on %s (token required; %s)", tcp.url, tls_note)
+        tcp_task = asyncio.create_task(tcp_server.serve(sockets=[tcp.sock]))
+
+        def tcp_ended(task: asyncio.Task[None]) -> None:
+            # The listeners live and stop together: a TCP listener that fails takes the daemon down, said why.
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the TCP listener failed: %s", task.exception())
+            server.should_exit = True
+
+        tcp_task.add_done_callback(tcp_ended)
     try:
         await server.serve(sockets=[sock])
     finally:
+        if tcp_task is not None and tcp_server is not None:
+            tcp_server.should_exit = True
+            with contextlib.suppress(Exception):
+                await tcp_task
         autostart.cancel()
+        await stats.stop()
         await vms.close()
         store.close()
         with contextlib.suppress(FileNotFoundError):
@@ -171,11 +285,23 @@ async def serve(cfg: DaemonConfig) -> None:
 
 
 def main(
-    state_dir: str | None, run_dir: str | None, sock: str | None, verbose: bool = False, id_range: str | None = None
+    state_dir: str | None,
+    run_dir: str | None,
+    sock: str | None,
+    verbose: bool = False,
+    id_range: str | None = None,
+    *,
+    listen: str | None = None,
+    tls: bool | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
-    asyncio.run(serve(DaemonConfig.from_env(state_dir, run_dir, sock, id_range)))
+    cfg = DaemonConfig.from_env(
+        state_dir, run_dir, sock, id_range, listen=listen, tls=tls, tls_cert=tls_cert, tls_key=tls_key
+    )
+    asyncio.run(serve(cfg))

@@ -61,6 +61,7 @@ class Fake:
         self.conn: socket.socket | None = None
         self.disks = [opt_value(["-device", a, ""], "-device", "id") for a in argv if a.startswith("virtio-blk-pci,")]
         self.throttle: dict[str, dict] = {}
+        self.queries = 0
 
     def send(self, msg: dict) -> None:
         with self.lock:
@@ -113,6 +114,18 @@ class Fake:
         if cmd == "query-block":
             return [
                 {"qdev": f"/machine/peripheral/{dev}/virtio-backend", "inserted": self.throttle.get(dev, {})}
+                for dev in self.disks
+            ]
+        if cmd == "query-blockstats":
+            # Counters that rise with every query, as if the guest kept reading a little.
+            self.queries += 1
+            stats = {"rd_bytes": 4096 * self.queries, "wr_bytes": 0, "rd_operations": self.queries, "wr_operations": 0}
+            return [
+                {
+                    "node-name": dev.removesuffix("-dev"),
+                    "qdev": f"/machine/peripheral/{dev}/virtio-backend",
+                    "stats": stats,
+                }
                 for dev in self.disks
             ]
         if cmd == "block_set_io_throttle":

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import FAKE_QEMU, ROOT, Daemon
+from vmkit.store.db import SCHEMA_VERSION
 
 FIXTURE = ROOT / "tests" / "fixtures" / "state-v1.sql"
 OLD_RUNNING_UUID = "6f1c1f0e-0000-4000-8000-000000000002"
@@ -65,7 +66,7 @@ def test_state_dir_from_before_isolation(tmp_path: Path) -> None:
         last += first - 1
         # Migrated to the current schema; the database is private again.
         db = sqlite3.connect(d.state_dir / "vmkit.db")
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
         db.close()
         assert (d.state_dir / "vmkit.db").stat().st_mode & 0o077 == 0
         # The running one is re-attached as it is: running, as root, in no cgroup of ours; limits that need

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmkit.store.db import SCHEMA_VERSION, SchemaTooNew, Store
+from vmkit.store.db import _MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, TokenRow
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "state-v1.sql"
 
@@ -27,6 +27,27 @@ def test_v1_database_is_migrated(tmp_path: Path) -> None:
         store.set_vm_uid("oldrun", 1_900_000_001)
     store.close()
     assert {r.spec.name: r.uid for r in Store(db).vms()} == {"old": 1_900_000_001, "oldrun": None}
+
+
+def test_v2_database_is_migrated(tmp_path: Path) -> None:
+    # A v2 database: the v1 fixture brought to v2 the way vmkit 2 did it.
+    db = tmp_path / "vmkit.db"
+    con = sqlite3.connect(db)
+    con.executescript(FIXTURE.read_text().replace("@STATE@", str(tmp_path)))
+    for stmt in _MIGRATIONS[2]:
+        con.execute(stmt)
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    con.execute("UPDATE vms SET uid = 1900000005 WHERE name = 'old'")
+    con.commit()
+    assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'tokens'").fetchone() is None
+    con.close()
+    store = Store(db)
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    assert {r.spec.name: r.uid for r in store.vms()} == {"old": 1_900_000_005, "oldrun": None}
+    assert store.tokens() == []
+    store.add_token(TokenRow("ci", "00" * 32, True, 1.0, None))
+    store.close()
+    assert Store(db).tokens() == [TokenRow("ci", "00" * 32, True, 1.0, None)]
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

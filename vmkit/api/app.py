@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmkit import __version__
-from vmkit.api import images, system, vms
+from vmkit.api import images, metrics, system, tokens, vms
 from vmkit.api.deps import STOPPING_MESSAGE, Services
 from vmkit.errors import VmkitError
 
@@ -123,4 +123,6 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(system.router)
     app.include_router(vms.router)
     app.include_router(images.router)
+    app.include_router(metrics.router)
+    app.include_router(tokens.router)
     return app

@@ -11,9 +11,11 @@ from fastapi import Request, WebSocket
 
 from vmkit.errors import VmkitError
 from vmkit.qemu.argv import HostConfig
+from vmkit.services.auth import TokenService
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
 from vmkit.services.operations import Operations
+from vmkit.services.stats import StatsService
 from vmkit.services.vms import VmService
 
 
@@ -25,6 +27,9 @@ class Services:
     bus: EventBus
     host: HostConfig
     host_report: dict[str, object]
+    stats: StatsService
+    auth: TokenService
+    tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
 
 
 def services(request: Request) -> Services:

@@ -16,7 +16,7 @@ Svc = Annotated[Services, Depends(services)]
 
 @router.get("")
 async def root(svc: Svc) -> dict[str, Any]:
-    return {"version": __version__, "accelerator": svc.host.accelerator}
+    return {"version": __version__, "accelerator": svc.host.accelerator, "tls_fingerprint": svc.tls_fingerprint}
 
 
 @router.get("/host")

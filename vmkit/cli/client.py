@@ -1,7 +1,8 @@
-"""HTTP/1.1 over the daemon's UNIX socket, standard library only.
+"""HTTP/1.1 to the daemon, over its UNIX socket or (with a URL and a token) TCP and TLS; standard library only.
 
 Deliberately not http.client: importing it (with email.parser and ssl) costs ~14 ms, a third of the CLI's
-start-up budget, and the daemon's answers need only a status line, Content-Length or chunked bodies.
+start-up budget, and the daemon's answers need only a status line, Content-Length or chunked bodies. ssl,
+hashlib and hmac are imported only when a URL is used.
 """
 
 from __future__ import annotations
@@ -50,25 +51,143 @@ def _read_response(f: Any) -> tuple[int, bytes]:
     return status, f.read(length) if length is not None else f.read()
 
 
+def split_url(url: str) -> tuple[bool, str, int]:
+    """'https://HOST:PORT' → (tls, host, port); IPv6 hosts in brackets. (urllib.parse costs ~2 ms to import.)"""
+    scheme, sep, rest = url.partition("://")
+    rest = rest.rstrip("/")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        raise ApiError(0, f"invalid daemon URL {url!r}: use https://HOST:PORT (or http:// on loopback)")
+    host, port = rest, 443 if scheme == "https" else 80
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail:
+            if not tail.startswith(":") or not tail[1:].isdigit():
+                raise ApiError(0, f"invalid port in {url!r}")
+            port = int(tail[1:])
+    elif ":" in rest:
+        host, _, p = rest.rpartition(":")
+        if not p.isdigit():
+            raise ApiError(0, f"invalid port in {url!r}")
+        port = int(p)
+    return scheme == "https", host, port
+
+
+def normalize_fingerprint(text: str) -> str:
+    """'AB:CD:…' or 'sha256:abcd…' → 64 lowercase hex digits."""
+    fp = text.strip().lower().removeprefix("sha256:").replace(":", "")
+    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        raise ApiError(0, f"invalid fingerprint {text!r}: 64 hex digits, the SHA-256 of the daemon's certificate")
+    return fp
+
+
 class Client:
-    def __init__(self, path: str | None = None, timeout_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        timeout_s: float = 3600.0,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
         self.path = socket_path(path)
         self.timeout_s = timeout_s
+        self.url = url  # None: the UNIX socket
+        self.token = token
+        self.fingerprint = fingerprint
 
-    def request(self, method: str, url: str, body: Any = None, *, raw: bool = False) -> Any:
-        data = b"" if body is None else json.dumps(body).encode()
-        head = f"{method} {url} HTTP/1.1\r\nHost: vmkit\r\nConnection: close\r\nContent-Length: {len(data)}\r\n"
-        if body is not None:
-            head += "Content-Type: application/json\r\n"
+    @property
+    def where(self) -> str:
+        return self.url or self.path
+
+    def _host_header(self) -> str:
+        if self.url is None:
+            return "vmkit"
+        _, host, port = split_url(self.url)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.url and self.token else {}
+
+    def connect(self) -> socket.socket:
+        """A connected socket to the daemon: the UNIX socket, or TCP (TLS with https, its certificate verified or
+        checked against the pinned fingerprint before a byte of the request, token included, is sent)."""
+        if self.url is not None:
+            return self._connect_tcp(self.url)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout_s)
         try:
-            try:
-                sock.connect(self.path)
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                raise ApiError(0, f"cannot reach the vmkit daemon at {self.path} ({e.strerror}); is it running?") from e
-            except PermissionError as e:
-                raise ApiError(0, f"no permission to use {self.path} (root or group vmkit needed)") from e
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            sock.close()
+            raise ApiError(0, f"cannot reach the vmkit daemon at {self.path} ({e.strerror}); is it running?") from e
+        except PermissionError as e:
+            sock.close()
+            raise ApiError(0, f"no permission to use {self.path} (root or group vmkit needed)") from e
+        return sock
+
+    def _connect_tcp(self, url: str) -> socket.socket:
+        tls, host, port = split_url(url)
+        pinned = normalize_fingerprint(self.fingerprint) if self.fingerprint else None
+        try:
+            sock = socket.create_connection((host, port), timeout=min(self.timeout_s, 30))
+        except OSError as e:
+            raise ApiError(0, f"cannot reach the vmkit daemon at {url} ({e.strerror or e})") from e
+        sock.settimeout(self.timeout_s)
+        if not tls:
+            return sock
+        import hashlib
+        import hmac
+        import ssl
+
+        ctx = ssl.create_default_context()
+        if pinned:  # the pin is the trust: no CA, no host name
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        try:
+            tsock = ctx.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as e:
+            sock.close()
+            raise ApiError(
+                0,
+                f"cannot verify the certificate of {url} ({e.verify_message}); to trust a self-signed one, pin it "
+                "with --fingerprint SHA256 (in the daemon's log and GET /v1 as tls_fingerprint)",
+            ) from e
+        except (ssl.SSLError, OSError) as e:
+            sock.close()
+            raise ApiError(0, f"TLS with {url} failed: {e}") from e
+        if pinned:
+            got = hashlib.sha256(tsock.getpeercert(binary_form=True) or b"").hexdigest()
+            if not hmac.compare_digest(got, pinned):
+                tsock.close()
+                raise ApiError(
+                    0,
+                    f"certificate fingerprint mismatch for {url}: the server presented {got}, expected {pinned}; "
+                    "refusing to connect",
+                )
+        return tsock
+
+    def websocket(self, path: str) -> Any:
+        """A websockets sync ClientConnection on the same kind of connection as requests."""
+        from websockets.sync.client import connect
+
+        # ws://, not wss://: the socket handed over is already TLS where it must be (and checked as above).
+        return connect(
+            f"ws://{self._host_header()}{path}", sock=self.connect(), additional_headers=self.auth_headers() or None
+        )
+
+    def request(self, method: str, url: str, body: Any = None, *, raw: bool = False) -> Any:
+        data = b"" if body is None else json.dumps(body).encode()
+        head = (
+            f"{method} {url} HTTP/1.1\r\nHost: {self._host_header()}\r\nConnection: close\r\n"
+            f"Content-Length: {len(data)}\r\n"
+        )
+        if body is not None:
+            head += "Content-Type: application/json\r\n"
+        for name, value in self.auth_headers().items():
+            head += f"{name}: {value}\r\n"
+        sock = self.connect()
+        try:
             sock.sendall(head.encode() + b"\r\n" + data)
             with sock.makefile("rb") as f:
                 status, payload = _read_response(f)

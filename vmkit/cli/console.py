@@ -10,18 +10,22 @@ import termios
 import threading
 import tty
 
+from vmkit.cli.client import Client
+
 ESCAPE = b"\x1d"  # Ctrl-]
 
 
-def attach(socket_path: str, name: str) -> int:
+def attach(client: Client, name: str) -> int:
     from websockets.exceptions import ConnectionClosed, InvalidStatus
-    from websockets.sync.client import unix_connect
 
-    from vmkit.cli.main import quote
+    from vmkit.cli.main import quote, ws_refusal
 
     try:
-        ws = unix_connect(socket_path, f"ws://localhost/v1/vms/{quote(name)}/console")
-    except (InvalidStatus, OSError) as e:
+        ws = client.websocket(f"/v1/vms/{quote(name)}/console")
+    except InvalidStatus as e:
+        sys.stderr.write(f"vmkit: error: cannot attach to the console of {name}: {ws_refusal(e)}\n")
+        return 1
+    except OSError as e:
         sys.stderr.write(f"vmkit: error: cannot attach to the console of {name}: {e}\n")
         return 1
     try:

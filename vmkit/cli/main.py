@@ -296,7 +296,7 @@ def vm_exec(c: Client, a: argparse.Namespace) -> int:
 def vm_console(c: Client, a: argparse.Namespace) -> int:
     from vmkit.cli.console import attach
 
-    return attach(c.path, a.name)
+    return attach(c, a.name)
 
 
 # ----- image, host, daemon ----------------------------------------------------------------------
@@ -344,13 +344,14 @@ def events(c: Client, a: argparse.Namespace) -> int:
     """Follow the daemon's event stream (like `virsh event --all --loop`) until interrupted."""
     import json
 
-    from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import unix_connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
 
     try:
-        ws = unix_connect(c.path, "ws://localhost/v1/events")
+        ws = c.websocket("/v1/events")
+    except InvalidStatus as e:
+        raise CliError(f"the daemon refused the event stream: {ws_refusal(e)}") from e
     except OSError as e:
-        raise CliError(f"cannot reach the vmkit daemon at {c.path}: {e}") from e
+        raise CliError(f"cannot reach the vmkit daemon at {c.where}: {e}") from e
     with ws, contextlib.suppress(ConnectionClosed):
         for msg in ws:
             ev = json.loads(msg)
@@ -362,6 +363,50 @@ def events(c: Client, a: argparse.Namespace) -> int:
                 sys.stdout.write(f"{stamp} {kind} " + " ".join(f"{k}={v}" for k, v in ev.items()) + "\n")
             sys.stdout.flush()
     return 0
+
+
+def ws_refusal(e: Any) -> str:
+    """The reason in a refused websocket handshake (websockets' InvalidStatus): the daemon's {"error"}."""
+    import json
+
+    try:
+        return f"{json.loads(e.response.body)['error']} (HTTP {e.response.status_code})"
+    except (ValueError, KeyError, TypeError):
+        return str(e)
+
+
+# ----- token ------------------------------------------------------------------------------------
+def token_create(c: Client, a: argparse.Namespace) -> int:
+    tok = c.post("/v1/tokens", {"name": a.name, "read_only": a.read_only})
+    if a.json:
+        print_json(tok)
+        return 0
+    kind = "read-only token" if a.read_only else "token"
+    sys.stderr.write(f"{kind} {a.name} created; its secret, shown this once (send as VMKIT_TOKEN):\n")
+    print(tok["secret"])
+    return 0
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t is not None else "never"
+
+
+def token_list(c: Client, a: argparse.Namespace) -> int:
+    toks = c.get("/v1/tokens")
+    if a.json:
+        print_json(toks)
+    else:
+        print_table(
+            ["name", "read-only", "created", "last used"],
+            [[t["name"], "yes" if t["read_only"] else "no", _when(t["created_at"]), _when(t["last_used_at"])]
+             for t in toks],
+        )  # fmt: skip
+    return 0
+
+
+def token_revoke(c: Client, a: argparse.Namespace) -> int:
+    c.request("DELETE", f"/v1/tokens/{quote(a.name)}")
+    return emit(a, {"revoked": a.name}, f"token {a.name} revoked")
 
 
 def host_check(c: Client, a: argparse.Namespace) -> int:
@@ -386,7 +431,17 @@ def host_check(c: Client, a: argparse.Namespace) -> int:
 def daemon(c: Client, a: argparse.Namespace) -> int:
     from vmkit.daemon import main as daemon_main
 
-    daemon_main(a.state_dir, a.run_dir, a.socket_path, a.verbose, a.id_range)
+    daemon_main(
+        a.state_dir,
+        a.run_dir,
+        a.socket_path,
+        a.verbose,
+        a.id_range,
+        listen=a.listen,
+        tls=a.tls,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+    )
     return 0
 
 
@@ -412,16 +467,21 @@ VERBS = {
            "stop", "delete", "autostart", "wait", "log", "console", "exec"},
     "image": {"list", "demo"},
     "host": {"check"},
+    "token": {"create", "list", "revoke"},
     "daemon": set(),
     "events": set(),
 }  # fmt: skip
 
 
+_GLOBAL_OPTS = ("--socket", "--url", "--token", "--fingerprint")  # each takes a value
+
+
 def _wanted(argv: list[str]) -> tuple[str, str] | None:
     """(noun, verb) when argv names an existing command, so only its parser needs building."""
-    words = [a for a in argv if not a.startswith("-")]
-    if "--socket" in argv[:1]:
-        words = words[1:]
+    i = 0
+    while i < len(argv) and argv[i].split("=", 1)[0] in _GLOBAL_OPTS:
+        i += 1 if "=" in argv[i] else 2
+    words = [a for a in argv[i:] if not a.startswith("-")]
     if words and words[0] in VERBS and (not VERBS[words[0]] or (len(words) > 1 and words[1] in VERBS[words[0]])):
         return words[0], words[1] if VERBS[words[0]] else ""
     return None
@@ -440,6 +500,13 @@ def _limit_flags(sp: Any, kind: type) -> None:
 def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmkit", description="Manage QEMU/KVM virtual machines.")
     p.add_argument("--socket", dest="api_socket", metavar="PATH", help="daemon socket (env VMKIT_SOCKET)")
+    p.add_argument("--url", metavar="URL", help="a remote daemon, https://HOST:PORT (env VMKIT_URL)")
+    p.add_argument("--token", metavar="SECRET", help="API token for --url (env VMKIT_TOKEN)")
+    p.add_argument(
+        "--fingerprint",
+        metavar="SHA256",
+        help="pin the daemon's certificate instead of CA checks (env VMKIT_FINGERPRINT)",
+    )
     real_nouns = p.add_subparsers(dest="noun", required=True, metavar="COMMAND")
 
     class _Nouns:
@@ -530,6 +597,13 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp.set_defaults(fn=events)
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    token = nouns.add_parser("token", help="API tokens for remote access").add_subparsers(dest="verb", required=True)
+    sp = add(token, "create", token_create, "create a token and print its secret (once)")
+    sp.add_argument("name")
+    sp.add_argument("--read-only", action="store_true", help="GET requests and the event stream only")
+    add(token, "list", token_list, "list tokens (never their secrets)")
+    add(token, "revoke", token_revoke, "revoke a token at once").add_argument("name")
+
     host = nouns.add_parser("host", help="this host").add_subparsers(dest="verb", required=True)
     add(host, "check", host_check, "check virtualization support (like virt-host-validate)")
 
@@ -543,6 +617,19 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
         metavar="FIRST-LAST",
         help="uids/gids for VMs' QEMUs, one per VM (default 1900000000-1900065535; env VMKIT_ID_RANGE)",
     )
+    sp.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="also serve the API on TCP, a token required (env VMKIT_LISTEN); TLS unless on loopback",
+    )
+    sp.add_argument(
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TLS on the TCP listener (always on off loopback; env VMKIT_TLS=1)",
+    )
+    sp.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (env VMKIT_TLS_CERT); default: self-signed")
+    sp.add_argument("--tls-key", metavar="FILE", help="PEM key (env VMKIT_TLS_KEY)")
     sp.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -560,7 +647,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("vmkit: error: '--' is only used by `vm exec`\n")
             return 2
         args.command = [*args.command, *rest]
-    client = Client(args.api_socket)
+    # --url, else --socket, else VMKIT_URL, else the local socket.
+    url = args.url or (None if args.api_socket else os.environ.get("VMKIT_URL") or None)
+    client = Client(
+        args.api_socket,
+        url=url,
+        token=args.token or os.environ.get("VMKIT_TOKEN") or None,
+        fingerprint=args.fingerprint or os.environ.get("VMKIT_FINGERPRINT") or None,
+    )
     try:
         return int(args.fn(client, args))
     except ApiError as e:

@@ -120,6 +120,11 @@ class Monitor:
     async def query_block(self) -> list[dict[str, Any]]:
         return list(await self.execute("query-block"))
 
+    async def query_blockstats(self, *, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """I/O counters per block backend: each entry has `qdev` (the device's QOM path), `node-name` and
+        `stats` (rd_bytes, wr_bytes, rd_operations, wr_operations, flush_operations, *_total_time_ns, ...)."""
+        return list(await self.execute("query-blockstats", timeout_s=timeout_s))
+
 
 # block_set_io_throttle requires the read/write split even when only totals are used.
 _UNUSED_THROTTLE = ("bps_rd", "bps_wr", "iops_rd", "iops_wr")

@@ -203,6 +203,11 @@ class VmService:
     def get(self, name: str) -> VmInfo:
         return self._get(name).info()
 
+    def runtimes(self) -> list[VmRuntime]:
+        """Every defined VM's in-memory record, by name, for readers on the event loop such as the stats
+        sampler (services/stats.py). Read them; change a VM only through this service's methods."""
+        return sorted(self._vms.values(), key=lambda v: v.spec.name)
+
     def paths(self, name: str) -> RuntimePaths:
         return RuntimePaths(self._run_dir / name, self._vm_dir / name)
 

@@ -16,10 +16,21 @@ from typing import Any
 
 from vmkit.model.vm import VmSpec, VmState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# API tokens for the TCP listener: only a SHA-256 of each secret is kept.
+_TOKENS_TABLE = """
+CREATE TABLE IF NOT EXISTS tokens (
+    name TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL UNIQUE,
+    read_only INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    last_used_at REAL
+)"""
 
 # The schema a fresh state dir gets; an older one is brought here by _MIGRATIONS, in order.
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS vms (
     name TEXT PRIMARY KEY,
@@ -37,6 +48,9 @@ CREATE TABLE IF NOT EXISTS images (
     created_at REAL NOT NULL
 );
 """
+    + _TOKENS_TABLE
+    + ";\n"
+)
 
 # version -> statements that bring the previous version to it. Each runs in one transaction with the
 # version bump, so a crash leaves either the old schema or the new one.
@@ -46,6 +60,8 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE vms ADD COLUMN uid INTEGER",
         "CREATE UNIQUE INDEX IF NOT EXISTS vms_uid ON vms(uid)",
     ],
+    # 3: API tokens for remote access (TCP listener).
+    3: [_TOKENS_TABLE],
 }
 
 
@@ -60,6 +76,15 @@ class VmRow:
     state: VmState
     reason: str | None
     uid: int | None
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    name: str
+    secret_sha256: str  # hex
+    read_only: bool
+    created_at: float
+    last_used_at: float | None
 
 
 class Store:
@@ -154,3 +179,22 @@ class Store:
     def images(self) -> dict[str, dict[str, Any]]:
         rows = self._db.execute("SELECT name, data FROM images ORDER BY name").fetchall()
         return {n: json.loads(d) for n, d in rows}
+
+    # API tokens
+    def add_token(self, row: TokenRow) -> None:
+        self._db.execute(
+            "INSERT INTO tokens(name, secret_sha256, read_only, created_at, last_used_at) VALUES (?,?,?,?,?)",
+            (row.name, row.secret_sha256, int(row.read_only), row.created_at, row.last_used_at),
+        )
+
+    def tokens(self) -> list[TokenRow]:
+        rows = self._db.execute(
+            "SELECT name, secret_sha256, read_only, created_at, last_used_at FROM tokens ORDER BY name"
+        ).fetchall()
+        return [TokenRow(n, h, bool(r), c, u) for n, h, r, c, u in rows]
+
+    def delete_token(self, name: str) -> bool:
+        return self._db.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount > 0
+
+    def set_token_used(self, name: str, when: float) -> None:
+        self._db.execute("UPDATE tokens SET last_used_at = ? WHERE name = ?", (when, name))
