@@ -26,3 +26,4 @@ bench: deps
 	.venv/bin/python bench/lifecycle.py
 	.venv/bin/python bench/concurrent_start.py
 	.venv/bin/python bench/metrics.py
+	.venv/bin/python bench/ui.py

@@ -9,14 +9,15 @@ VMKIT=/usr/local/bin/vmkit
 if ! "$VMKIT" vm list >/dev/null 2>&1; then
   if [ -d /run/systemd/system ]; then
     install -m 0644 systemd/vmkit.service /etc/systemd/system/vmkit.service
-    sed -i "s|^ExecStart=.*|ExecStart=$PWD/.venv/bin/vmkit daemon|" /etc/systemd/system/vmkit.service
+    # The demo adds the web UI's TCP listener on loopback (plain HTTP is allowed there); the unit as shipped has none.
+    sed -i "s|^ExecStart=.*|ExecStart=$PWD/.venv/bin/vmkit daemon --listen 127.0.0.1:8006|" /etc/systemd/system/vmkit.service
     systemctl daemon-reload
     systemctl start vmkit.service
     how_stop="systemctl stop vmkit"
   else
     mkdir -p /var/log/vmkit
-    setsid -f "$VMKIT" daemon >>/var/log/vmkit/daemon.log 2>&1 </dev/null
-    how_stop="pkill -f 'vmkit daemon'   (VMs keep running; start it again with: setsid -f vmkit daemon)"
+    setsid -f "$VMKIT" daemon --listen 127.0.0.1:8006 >>/var/log/vmkit/daemon.log 2>&1 </dev/null
+    how_stop="pkill -f 'vmkit daemon'   (VMs keep running; start it again with: setsid -f vmkit daemon --listen 127.0.0.1:8006)"
   fi
   for _ in $(seq 100); do "$VMKIT" vm list >/dev/null 2>&1 && break; sleep 0.1; done
   "$VMKIT" vm list >/dev/null
@@ -46,3 +47,12 @@ The VM 'demo' is running. Try:
   vmkit --help
 Stop the daemon: $how_stop
 MSG
+# The web UI: a one-time login link (needs the daemon's TCP listener; a daemon started earlier without one says how).
+if ui_url=$("$VMKIT" ui 2>/dev/null); then
+  echo
+  echo "Web UI (one-time login link, valid 5 minutes; later: vmkit ui again, or log in with a vmkit token):"
+  echo "  $ui_url"
+else
+  echo
+  "$VMKIT" ui || true
+fi

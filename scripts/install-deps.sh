@@ -12,6 +12,7 @@ APT_PACKAGES=(
   util-linux                          # setpriv: QEMU starts as its VM's own uid, without capabilities
   ca-certificates
   openssl                             # the TCP listener's self-signed TLS pair
+  chromium                            # tests/ui only: the web UI driven by Playwright (never its own browser download)
 )
 
 missing=()
@@ -42,6 +43,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # compat mode: a plain .pth path entry, not an import hook that slows every CLI start by ~9 ms
   PYTHONWARNINGS=ignore .venv/bin/pip install -q -e '.[dev]' --config-settings editable_mode=compat
   touch "$stamp"
+fi
+# The web UI's front-end libraries (xterm.js, noVNC), pinned by vmkit/ui/package-lock.json; the daemon serves
+# them at /ui/vendor/, so no page fetches anything from a CDN.
+ui_stamp=vmkit/ui/node_modules/.vmkit-installed
+if [ ! -f "$ui_stamp" ] || [ vmkit/ui/package-lock.json -nt "$ui_stamp" ]; then
+  if ! command -v npm >/dev/null; then
+    echo "installing Debian packages: nodejs npm"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
+  fi
+  (cd vmkit/ui && npm ci --omit=dev --no-audit --no-fund --loglevel=error)
+  touch "$ui_stamp"
 fi
 if [ "${1:-}" = "--link" ]; then
   ln -sf "$PWD/.venv/bin/vmkit" /usr/local/bin/vmkit

@@ -208,6 +208,8 @@ async def serve(cfg: DaemonConfig) -> None:
         stats=stats,
         auth=TokenService(store=store),
         tls_fingerprint=tcp.fingerprint if tcp else None,
+        listen_url=tcp.url if tcp else None,
+        state_dir=str(cfg.state_dir),
     )
     app = create_app(svc)
     sock = _bind_api_socket(cfg.socket)
@@ -247,8 +249,8 @@ async def serve(cfg: DaemonConfig) -> None:
     servers.append(server)
     tcp_server = None
     if tcp is not None:
-        # The same app (one state), wrapped so that every request over TCP must carry a token.
-        tcp_server = TcpServer(config(TokenAuth(app, svc.auth), tcp.cert, tcp.key))
+        # The same app (one state), wrapped so that every request over TCP must carry a token (or a UI session).
+        tcp_server = TcpServer(config(TokenAuth(app, svc.auth, svc.sessions), tcp.cert, tcp.key))
         servers.append(tcp_server)
     # uvicorn re-raises the stop signal once it has shut down; a no-op handler here lets that land without
     # killing the process, so the clean-up below (detach from QEMUs, close the store) runs.

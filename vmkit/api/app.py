@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmkit import __version__
-from vmkit.api import images, metrics, system, tokens, vms
+from vmkit.api import consoles, images, metrics, system, tokens, ui, vms
 from vmkit.api.deps import STOPPING_MESSAGE, Services
 from vmkit.errors import VmkitError
 
@@ -122,7 +122,11 @@ def create_app(svc: Services) -> FastAPI:
 
     app.include_router(system.router)
     app.include_router(vms.router)
+    # Before any mount at /ui: its /ui/vendor/ route must be matched first.
+    app.include_router(consoles.router)
     app.include_router(images.router)
     app.include_router(metrics.router)
     app.include_router(tokens.router)
+    app.include_router(ui.router)
+    ui.mount_static(app)  # last: a mount at /ui takes every path below it
     return app

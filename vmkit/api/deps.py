@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi import Request, WebSocket
@@ -15,6 +15,7 @@ from vmkit.services.auth import TokenService
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
 from vmkit.services.operations import Operations
+from vmkit.services.sessions import Sessions
 from vmkit.services.stats import StatsService
 from vmkit.services.vms import VmService
 
@@ -30,6 +31,9 @@ class Services:
     stats: StatsService
     auth: TokenService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
+    listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
+    state_dir: str | None = None  # for the dashboard's disk usage
+    sessions: Sessions = field(default_factory=Sessions)  # the web UI's logins (services/sessions.py)
 
 
 def services(request: Request) -> Services:

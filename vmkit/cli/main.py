@@ -445,6 +445,41 @@ def daemon(c: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+# ----- ui ---------------------------------------------------------------------------------------
+def ui(c: Client, a: argparse.Namespace) -> int:
+    """A ready-to-use link to the web UI: the daemon's TCP listener and a one-time login code (a browser that
+    opens it gets a session; the code is spent then, or after five minutes). Later logins take an API token."""
+    root = c.get("/v1")
+    listen = root.get("listen")
+    if not listen:
+        raise CliError(
+            "the daemon has no TCP listener, so no browser can reach it; start it with "
+            "`vmkit daemon --listen 127.0.0.1:8006` (or VMKIT_LISTEN; TLS is used off loopback)"
+        )
+    host = str(listen["host"])
+    wildcard = host in ("0.0.0.0", "::")
+    if wildcard:  # every address: this host reaches it on loopback
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    shown = f"[{host}]" if ":" in host else host
+    base = f"{listen['scheme']}://{shown}:{listen['port']}/ui/"
+    link = c.post("/v1/session/links")
+    url = f"{base}#/login?code={link['code']}"
+    fp = root.get("tls_fingerprint")
+    fp_colons = ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper() if fp else None
+    if a.json:
+        print_json({"url": url, "base_url": base, "expires_at": link["expires_at"], "tls_fingerprint": fp_colons})
+        return 0
+    print(url)
+    sys.stderr.write("open it within 5 minutes, once; later logins: " + base + " with an API token\n")
+    if wildcard:
+        import socket
+
+        sys.stderr.write(f"from another machine: {listen['scheme']}://{socket.gethostname()}:{listen['port']}/ui/\n")
+    if fp_colons:
+        sys.stderr.write(f"TLS certificate SHA-256 (compare with what the browser shows): {fp_colons}\n")
+    return 0
+
+
 # ----- parser -----------------------------------------------------------------------------------
 class _Skipped:
     """Stands in for the parser of a verb not being run: building all ~20 parsers costs ~7 ms."""
@@ -470,6 +505,7 @@ VERBS = {
     "token": {"create", "list", "revoke"},
     "daemon": set(),
     "events": set(),
+    "ui": set(),
 }  # fmt: skip
 
 
@@ -606,6 +642,10 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
 
     host = nouns.add_parser("host", help="this host").add_subparsers(dest="verb", required=True)
     add(host, "check", host_check, "check virtualization support (like virt-host-validate)")
+
+    sp = nouns.add_parser("ui", help="print a one-time login link to the web UI")
+    sp.set_defaults(fn=ui)
+    sp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = nouns.add_parser("daemon", help="run the vmkit daemon in the foreground")
     sp.set_defaults(fn=daemon)

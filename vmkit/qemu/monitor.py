@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -61,6 +63,9 @@ class Monitor:
     def __init__(self, name: str, *, log_path: Path | None = None) -> None:
         self._client = _LoggingClient(name, log_path)
         self._event_task: asyncio.Task[None] | None = None
+        # QEMU keeps only the last descriptor received until a `getfd` names it: one hand-over at a time.
+        self._fd_lock = asyncio.Lock()
+        self._fd_names = itertools.count()
 
     async def connect(self, sock: Path, on_event: EventHandler, *, timeout_s: float = 5.0) -> None:
         """Connect and negotiate capabilities, then start delivering events to on_event."""
@@ -124,6 +129,31 @@ class Monitor:
         """I/O counters per block backend: each entry has `qdev` (the device's QOM path), `node-name` and
         `stats` (rd_bytes, wr_bytes, rd_operations, wr_operations, flush_operations, *_total_time_ns, ...)."""
         return list(await self.execute("query-blockstats", timeout_s=timeout_s))
+
+    async def add_vnc_client(self, sock: socket.socket, *, timeout_s: float = 10.0) -> None:
+        """Make `sock` (one end of a connected pair) a client of QEMU's VNC server, which has no listener of its
+        own. The daemon has authenticated the caller, so QEMU skips VNC auth. QEMU keeps a duplicate: the caller
+        still closes its copy."""
+        async with self._fd_lock:
+            fdname = f"vnc{next(self._fd_names)}"
+            await self._send_fd(sock.fileno())
+            await self.execute("getfd", {"fdname": fdname}, timeout_s=timeout_s)
+            try:
+                args = {"protocol": "vnc", "fdname": fdname, "skipauth": True}
+                await self.execute("add_client", args, timeout_s=timeout_s)
+            except BaseException:
+                # add_client consumes the named fd only when it succeeds.
+                with contextlib.suppress(Exception):
+                    await self.execute("closefd", {"fdname": fdname}, timeout_s=timeout_s)
+                raise
+
+    async def _send_fd(self, fd: int) -> None:
+        """Pass fd by SCM_RIGHTS. send_fd_scm writes one byte straight to the socket, beside asyncio's buffer:
+        wait until no earlier command is still half-written there, so the byte never lands inside one."""
+        writer = self._client._writer  # qemu.qmp offers no public flush
+        while writer is not None and writer.transport.get_write_buffer_size():
+            await asyncio.sleep(0.001)
+        self._client.send_fd_scm(fd)
 
 
 # block_set_io_throttle requires the read/write split even when only totals are used.

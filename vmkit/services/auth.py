@@ -79,6 +79,10 @@ class TokenService:
         self._store.delete_token(name)
         del self._rows[name]
 
+    def exists(self, name: str) -> bool:
+        """Whether a token of this name is still there (a browser session made with it ends when it is revoked)."""
+        return name in self._rows
+
     def verify(self, secret: str) -> Token | None:
         """The token this secret belongs to, or None. Every row is compared in constant time."""
         digest = _digest(secret)

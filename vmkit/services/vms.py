@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -807,6 +808,28 @@ class VmService:
                     await writer.wait_closed()
         finally:
             vm.console_busy = False
+
+    @contextlib.asynccontextmanager
+    async def vnc(self, name: str) -> Any:
+        """A new client of the VM's VNC server (shared: several at once): a stream QEMU speaks RFB on. QEMU has
+        no VNC listener; it is handed one end of a socket pair over QMP, so it needs no path of ours."""
+        vm = self._get(name)
+        if not vm.state.active or vm.monitor is None:
+            raise Conflict(f"VM {name!r} is not running")
+        ours, theirs = socket.socketpair()
+        try:
+            with theirs:
+                await _qmp(vm.monitor.add_vnc_client(theirs))
+            reader, writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            raise
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
 
 async def _qmp(coro: Any) -> Any:
