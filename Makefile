@@ -27,3 +27,4 @@ bench: deps
 	.venv/bin/python bench/concurrent_start.py
 	.venv/bin/python bench/metrics.py
 	.venv/bin/python bench/ui.py
+	.venv/bin/python bench/console_echo.py
