@@ -47,10 +47,13 @@ def test_serial_and_graphics_tabs(page: Any, daemon: Daemon) -> None:
     url: str = daemon.url  # type: ignore[attr-defined]
     assert page.request.post(url + "/v1/session", data={"token": token(daemon, "console")}).ok
     boot(daemon, "web1", wait=False)
+    # Held paused (long before the guest's READY, ~2.5 s into its boot) until the page is connected, so the boot
+    # is seen live however slowly the page loads: the serial socket has no scrollback.
+    daemon.cli("vm", "pause", "web1")
     page.goto(url + "/ui/console.html?vm=web1")
     serial = page.locator("#serial .xterm-rows")
-    # Opened while the guest boots: its output arrives live.
     expect(page.locator("#serial")).to_have_attribute("data-state", "connected")
+    daemon.cli("vm", "resume", "web1")
     expect(serial).to_contain_text("VMKIT-DEMO-READY", timeout=90_000)
     page.locator("#serial .xterm").click()
     page.keyboard.press("Enter")
