@@ -8,15 +8,14 @@ fetches anything from a CDN.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from fastapi import APIRouter, WebSocket
 from fastapi.responses import FileResponse
 
 from vmkit.api.deps import ws_services
-from vmkit.api.websocket import run_until_first_done
-from vmkit.errors import NotFound, VmkitError
+from vmkit.api.websocket import bridge
+from vmkit.errors import NotFound
 
 router = APIRouter(tags=["consoles"])
 
@@ -39,28 +38,8 @@ SUBPROTOCOL = "binary"
 @router.websocket("/v1/vms/{name}/vnc")
 async def vm_vnc(ws: WebSocket, name: str) -> None:
     """Binary frames both ways between the client and a new (shared) client connection of the VM's VNC server."""
-    svc = ws_services(ws)
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in ws.scope.get("subprotocols", ()) else None
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            reader, writer = await stack.enter_async_context(svc.vms.vnc(name))
-        except VmkitError as e:
-            # Accept first so the client gets the reason in the close frame (a refused handshake has no body).
-            await ws.accept(subprotocol=subprotocol)
-            await ws.close(code=4000 + e.status, reason=e.message[:120])
-            return
-        await ws.accept(subprotocol=subprotocol)
-
-        async def to_client() -> None:
-            while data := await reader.read(65536):
-                await ws.send_bytes(data)
-
-        async def to_qemu() -> None:
-            while (msg := await ws.receive())["type"] != "websocket.disconnect":
-                writer.write(msg.get("bytes") or (msg.get("text") or "").encode())
-                await writer.drain()
-
-        await run_until_first_done(ws, to_client(), to_qemu())
+    await bridge(ws, ws_services(ws).vms.vnc(name), subprotocol=subprotocol)
 
 
 def vendor_file(rel: str, root: Path = VENDOR_DIR) -> tuple[Path, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import re
 from typing import Annotated
 
@@ -12,8 +11,7 @@ from fastapi.responses import Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from vmkit.api.deps import Services, services, unless_stopping, ws_services
-from vmkit.api.websocket import run_until_first_done
-from vmkit.errors import VmkitError
+from vmkit.api.websocket import bridge
 from vmkit.model.vm import NAME_PATTERN, CreateVm, DiskInfo, SetVm, VmInfo, VmState, check_name
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
@@ -176,24 +174,4 @@ async def vm_log(name: VmName, svc: Svc) -> Response:
 @router.websocket("/{name}/console")
 async def vm_console(ws: WebSocket, name: str) -> None:
     """Binary frames both ways between the client and the VM's serial port."""
-    svc = ws_services(ws)
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            reader, writer = await stack.enter_async_context(svc.vms.console(name))
-        except VmkitError as e:
-            # Accept first so the client gets the reason in the close frame (a refused handshake has no body).
-            await ws.accept()
-            await ws.close(code=4000 + e.status, reason=e.message[:120])
-            return
-        await ws.accept()
-
-        async def to_client() -> None:
-            while data := await reader.read(65536):
-                await ws.send_bytes(data)
-
-        async def to_guest() -> None:
-            while (msg := await ws.receive())["type"] != "websocket.disconnect":
-                writer.write(msg.get("bytes") or (msg.get("text") or "").encode())
-                await writer.drain()
-
-        await run_until_first_done(ws, to_client(), to_guest())
+    await bridge(ws, ws_services(ws).vms.console(name))

@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
+
+from vmkit.errors import VmkitError
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 async def receive_until_closed(ws: WebSocket) -> None:
@@ -28,3 +33,28 @@ async def run_until_first_done(ws: WebSocket, *pumps: Coroutine[Any, Any, None])
             t.cancel()
         with contextlib.suppress(Exception):
             await ws.close()
+
+
+async def bridge(ws: WebSocket, opener: AbstractAsyncContextManager[Stream], *, subprotocol: str | None = None) -> None:
+    """Binary frames both ways between ws and the stream `opener` yields (a serial port, a VNC client), until
+    either side closes. A VmkitError from opening closes ws with code 4000 + its HTTP status and the reason:
+    ws is accepted first, since a refused handshake carries no body."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            reader, writer = await stack.enter_async_context(opener)
+        except VmkitError as e:
+            await ws.accept(subprotocol=subprotocol)
+            await ws.close(code=4000 + e.status, reason=e.message[:120])
+            return
+        await ws.accept(subprotocol=subprotocol)
+
+        async def to_client() -> None:
+            while data := await reader.read(65536):
+                await ws.send_bytes(data)
+
+        async def to_stream() -> None:
+            while (msg := await ws.receive())["type"] != "websocket.disconnect":
+                writer.write(msg.get("bytes") or (msg.get("text") or "").encode())
+                await writer.drain()
+
+        await run_until_first_done(ws, to_client(), to_stream())
