@@ -50,6 +50,7 @@ ui_stamp=vmkit/ui/node_modules/.vmkit-installed
 if [ ! -f "$ui_stamp" ] || [ vmkit/ui/package-lock.json -nt "$ui_stamp" ]; then
   if ! command -v npm >/dev/null; then
     echo "installing Debian packages: nodejs npm"
+    apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
   fi
   (cd vmkit/ui && npm ci --omit=dev --no-audit --no-fund --loglevel=error)
