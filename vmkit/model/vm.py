@@ -123,6 +123,11 @@ class DiskLimits(_Strict):
     iops_total: Iops | None = None
     bps_total: Bps | None = None
 
+    @property
+    def index(self) -> int:
+        """Position in the VM's disk list (the pattern guarantees the digits)."""
+        return int(self.name.removeprefix("disk"))
+
 
 class SetVm(Limits):
     """Body of PATCH /v1/vms/{name}: change limits, live when the VM runs (like virsh schedinfo / memtune /

@@ -43,7 +43,7 @@ def updated(spec: VmSpec, req: SetVm) -> VmSpec:
     changes = {f: getattr(req, f) for f in LIMIT_FIELDS if f in req.model_fields_set}
     disks = list(spec.disks)
     for d in req.disks:
-        i = int(d.name.removeprefix("disk"))
+        i = d.index
         if i >= len(disks):
             raise InvalidInput(f"VM {spec.name!r} has no disk {d.name!r} (it has {len(disks)})")
         disks[i] = disks[i].model_copy(

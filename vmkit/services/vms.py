@@ -19,7 +19,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -576,8 +576,7 @@ class VmService:
                 if req.disks:
                     mon = self._need_monitor(vm, VmState.RUNNING, VmState.PAUSED)
                     for d in req.disks:
-                        i = int(d.name.removeprefix("disk"))
-                        await _qmp(limits.apply_disk(mon, i, spec.disks[i]))
+                        await _qmp(limits.apply_disk(mon, d.index, spec.disks[d.index]))
             vm.spec = spec
             self._store.set_vm_spec(spec)
             return vm.info()
@@ -799,13 +798,8 @@ class VmService:
             raise Conflict(f"the console of {name!r} is already in use")
         vm.console_busy = True
         try:
-            reader, writer = await asyncio.open_unix_connection(str(vm.paths.serial_sock))
-            try:
-                yield reader, writer
-            finally:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+            async with _stream(asyncio.open_unix_connection(str(vm.paths.serial_sock))) as stream:
+                yield stream
         finally:
             vm.console_busy = False
 
@@ -820,16 +814,25 @@ class VmService:
         try:
             with theirs:
                 await _qmp(vm.monitor.add_vnc_client(theirs))
-            reader, writer = await asyncio.open_connection(sock=ours)
         except BaseException:
             ours.close()
             raise
-        try:
-            yield reader, writer
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        async with _stream(asyncio.open_connection(sock=ours)) as stream:
+            yield stream
+
+
+@contextlib.asynccontextmanager
+async def _stream(
+    opening: Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """The stream `opening` gives, closed when the caller is done with it (a console's or a VNC viewer's)."""
+    reader, writer = await opening
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
 
 
 async def _qmp(coro: Any) -> Any:
