@@ -28,3 +28,4 @@ bench: deps
 	.venv/bin/python bench/metrics.py
 	.venv/bin/python bench/ui.py
 	.venv/bin/python bench/console_echo.py
+	.venv/bin/python bench/storage.py

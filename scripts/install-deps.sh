@@ -8,6 +8,9 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils          # the emulator and qemu-img
   qemu-guest-agent                    # its qemu-ga goes into the demo guest
   busybox-static kmod cpio            # demo guest userland, depmod, initramfs packing
+  syslinux syslinux-common extlinux   # demo boot disk: boot loader + MBR code; extlinux runs in the installer guest
+  isolinux xorriso                    # the demo installer ISO
+  dosfstools mtools                   # the boot disk's FAT partition, made inside an image file (no loop device)
   python3 python3-venv                # the daemon and CLI
   util-linux                          # setpriv: QEMU starts as its VM's own uid, without capabilities
   ca-certificates

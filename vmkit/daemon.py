@@ -135,8 +135,12 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.events import EventBus
     from vmkit.services.images import ImageService
     from vmkit.services.operations import Operations
+    from vmkit.services.pools import PoolService
     from vmkit.services.stats import StatsService
+    from vmkit.services.upgrade import take_over
+    from vmkit.services.vmdisks import VmDiskService
     from vmkit.services.vms import VmService
+    from vmkit.services.volumes import VolumeService
     from vmkit.store.db import SchemaTooNew, Store
 
     # Everything the daemon creates is private unless it says otherwise (the database, logs, disks, runtime
@@ -184,7 +188,16 @@ async def serve(cfg: DaemonConfig) -> None:
     except SchemaTooNew as e:
         raise SystemExit(f"vmkit: {e}") from None
     bus = EventBus()
-    images = ImageService(store=store, state_dir=cfg.state_dir, cache_dir=cfg.cache_dir)
+    pools = PoolService(store=store, state_dir=cfg.state_dir)
+    try:
+        moved = await asyncio.to_thread(take_over, store, pools, cfg.state_dir)
+    except (VmkitError, OSError) as e:
+        raise SystemExit(f"vmkit: cannot move this state dir's disks and images into pools: {e}") from None
+    if moved:
+        log.info("took %d disk and image files of the earlier layout over as volumes", moved)
+    volumes = VolumeService(store=store, pools=pools)
+    volumes.recover()
+    images = ImageService(store=store, volumes=volumes, cache_dir=cfg.cache_dir)
     vms = VmService(
         store=store,
         bus=bus,
@@ -194,7 +207,9 @@ async def serve(cfg: DaemonConfig) -> None:
         image_lookup=images.lookup,
         id_range=id_range,
         cgroups=cgroups,
+        volumes=volumes,
     )
+    volumes.set_users(vms.volume_users, vms.volume_running_users)
     await vms.load()
     stats = StatsService(vms)
     stats.start()
@@ -207,6 +222,9 @@ async def serve(cfg: DaemonConfig) -> None:
         host_report=report.to_dict(),
         stats=stats,
         auth=TokenService(store=store),
+        pools=pools,
+        volumes=volumes,
+        vmdisks=VmDiskService(vms=vms, volumes=volumes),
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,
         state_dir=str(cfg.state_dir),

@@ -36,3 +36,9 @@ class CommandFailed(VmkitError):
     """A host program (qemu-img, apt-get, …) failed."""
 
     status = 500
+
+
+class NoSpace(VmkitError):
+    """The filesystem that would hold the data is full (ENOSPC); 507 is HTTP's "Insufficient Storage"."""
+
+    status = 507

@@ -6,6 +6,7 @@ import pytest
 
 from tests.conftest import Daemon
 from vmkit.cli.client import ApiError
+from vmkit.model.storage import IMAGE_REF_PATTERN
 from vmkit.model.vm import NAME_PATTERN
 
 
@@ -57,7 +58,7 @@ def test_openapi_states_the_checks(fake_daemon: Daemon) -> None:
     assert start["parameters"][0]["schema"]["pattern"] == NAME_PATTERN
     assert start["responses"]["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     create = doc["components"]["schemas"]["CreateVm"]["properties"]
-    assert create["name"]["pattern"] == NAME_PATTERN and create["image"]["pattern"] == NAME_PATTERN
+    assert create["name"]["pattern"] == NAME_PATTERN and create["image"]["pattern"] == IMAGE_REF_PATTERN
     assert "pattern" in doc["components"]["schemas"]["ExecRequest"]["properties"]["input_b64"]
     wait = {p["name"]: p["schema"] for p in doc["paths"]["/v1/vms/{name}/wait"]["get"]["parameters"]}
     assert "agent" in wait["state"]["enum"] and "shut off" in wait["state"]["enum"]

@@ -249,13 +249,21 @@ def test_delete_keep_disks(fake_daemon: Daemon) -> None:
     vm = json.loads(d.cli("vm", "create", "kd", "--disk", "16M", "--json").stdout)
     disk = vm["disks"][0]["path"]
     assert os.path.exists(disk)
+    assert vm["disks"][0]["volume"] == "default/kd-disk0.qcow2"
     d.cli("vm", "delete", "kd", "--keep-disks")
-    kept = d.state_dir / "kept-disks" / "kd-disk0.qcow2"
-    assert kept.exists() and not os.path.exists(disk)
+    # Kept as a volume of no VM, where it was; a new VM may attach it.
+    assert os.path.exists(disk) and os.stat(disk).st_uid == 0
     assert not (d.state_dir / "vms" / "kd").exists()
-    vm = json.loads(d.cli("vm", "create", "kd2", "--disk", "16M", "--json").stdout)
+    vol = json.loads(d.cli("volume", "info", "default/kd-disk0.qcow2", "--json").stdout)
+    assert vol["used_by"] == [] and vol["path"] == disk
+    vm = json.loads(d.cli("vm", "create", "kd2", "--disk", "default/kd-disk0.qcow2", "--json").stdout)
+    assert vm["disks"][0]["owned"] is False
     d.cli("vm", "delete", "kd2")
+    assert os.path.exists(disk)  # only attached, so not deleted with the VM
+    vm = json.loads(d.cli("vm", "create", "kd3", "--disk", "16M", "--json").stdout)
+    d.cli("vm", "delete", "kd3")
     assert not os.path.exists(vm["disks"][0]["path"])
+    assert d.cli("volume", "info", vm["disks"][0]["volume"], check=False).returncode != 0
 
 
 def test_openapi_and_socket_mode(fake_daemon: Daemon) -> None:
@@ -374,5 +382,5 @@ def test_leftovers_of_a_crashed_create_are_removed_on_start(fake_daemon: Daemon)
     (d.run_dir / "vms" / "ghost").mkdir()
     d.start()
     assert not ghost.exists() and not (d.run_dir / "vms" / "ghost").exists()
-    assert (d.state_dir / "vms" / "real" / "disk0.qcow2").exists()
+    assert (d.state_dir / "pools" / "default" / "real-disk0.qcow2").exists()
     assert [v["name"] for v in d.api.get("/v1/vms")] == ["real"]

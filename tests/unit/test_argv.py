@@ -7,8 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from vmkit.model.vm import DiskSpec, NicSpec, VmSpec
-from vmkit.qemu.argv import DiskFds, HandOver, HostConfig, RuntimePaths, opt, qemu_argv
+from vmkit.model.vm import CdromSpec, DiskSpec, NicSpec, VmSpec
+from vmkit.qemu.argv import (
+    SPARE_PORTS,
+    DiskFds,
+    HandOver,
+    HostConfig,
+    RuntimePaths,
+    cdrom_blockdevs,
+    device_opts,
+    disk_blockdevs,
+    disk_device,
+    opt,
+    qemu_argv,
+    qemu_opts,
+    root_ports,
+)
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 PATHS = RuntimePaths(Path("/run/vmkit/vms/web"), Path("/var/lib/vmkit/vms/web"))
@@ -27,7 +41,9 @@ SPECS = {
             kernel="/var/lib/vmkit/images/demo/vmlinuz",
             initrd="/var/lib/vmkit/images/demo/initrd.gz",
             cmdline="console=ttyS0 quiet panic=-1",
-            disks=[DiskSpec(path="/var/lib/vmkit/vms/web/disk0.qcow2", format="qcow2", backing_image="demo")],
+            disks=[
+                DiskSpec(name="disk0", path="/var/lib/vmkit/vms/web/disk0.qcow2", format="qcow2", backing_image="demo")
+            ],
             nics=[NicSpec(mac="52:54:00:12:34:56")],
         ),
         TCG,
@@ -39,11 +55,62 @@ SPECS = {
             memory_mib=2048,
             vcpus=2,
             disks=[
-                DiskSpec(path="/data/a,b.raw", format="raw"),
-                DiskSpec(path="/data/c.qcow2", format="qcow2"),
+                DiskSpec(name="disk0", path="/data/a,b.raw", format="raw"),
+                DiskSpec(name="disk1", path="/data/c.qcow2", format="qcow2"),
             ],
         ),
         KVM,
+    ),
+    # An installer: the ISO boots first, onto a blank disk.
+    "iso-blank-disk": (
+        VmSpec(
+            name="web",
+            uuid="00000000-0000-4000-8000-000000000004",
+            memory_mib=1024,
+            vcpus=1,
+            disks=[DiskSpec(name="disk0", path="/var/lib/vmkit/pools/default/web-disk0.qcow2", format="qcow2")],
+            cdroms=[CdromSpec(name="cd0", path="/data/debian-12.iso", volume="isos/debian-12.iso")],
+            nics=[NicSpec(mac="52:54:00:12:34:57")],
+        ),
+        TCG,
+    ),
+    "empty-tray": (
+        VmSpec(
+            name="web",
+            uuid="00000000-0000-4000-8000-000000000005",
+            memory_mib=512,
+            vcpus=1,
+            disks=[DiskSpec(name="disk0", path="/data/web.qcow2", format="qcow2", backing_image="demo")],
+            cdroms=[CdromSpec(name="cd0")],
+        ),
+        TCG,
+    ),
+    "readonly-disk": (
+        VmSpec(
+            name="web",
+            uuid="00000000-0000-4000-8000-000000000006",
+            memory_mib=512,
+            vcpus=1,
+            disks=[
+                DiskSpec(name="disk0", path="/data/web.raw", format="raw"),
+                DiskSpec(name="disk1", path="/data/seed.raw", format="raw", readonly=True, owned=False),
+            ],
+        ),
+        TCG,
+    ),
+    # disk1 was detached: the others keep their names (and so their nodes, devices and ports).
+    "disk-gap": (
+        VmSpec(
+            name="web",
+            uuid="00000000-0000-4000-8000-000000000007",
+            memory_mib=512,
+            vcpus=1,
+            disks=[
+                DiskSpec(name="disk0", path="/data/a.qcow2", format="qcow2"),
+                DiskSpec(name="disk2", path="/data/c.qcow2", format="qcow2", backing_image="demo"),
+            ],
+        ),
+        TCG,
     ),
 }
 
@@ -54,7 +121,8 @@ def handover(spec: VmSpec, qmp: int = 3) -> HandOver:
         DiskFds(20 + 2 * i, ((21 + 2 * i, "qcow2"),) if d.backing_image else ()) for i, d in enumerate(spec.disks)
     )
     kernel = (10, 11) if spec.kernel else (None, None)
-    return HandOver(qmp, 4, 5, 6, kernel[0], kernel[1] if spec.initrd else None, disks)
+    cdroms = tuple(None if cd.path is None else 30 + k for k, cd in enumerate(spec.cdroms))
+    return HandOver(qmp, 4, 5, 6, kernel[0], kernel[1] if spec.initrd else None, disks, cdroms)
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))
@@ -71,7 +139,7 @@ def test_qemu_is_given_no_path() -> None:
     """QEMU runs unprivileged: every file reaches it as a descriptor, none by a path of vmkit's or the user's."""
     for spec, host in SPECS.values():
         argv = qemu_argv(spec, PATHS, host, handover(spec))
-        paths = [str(PATHS.run_dir), str(PATHS.vm_dir), "/data/", "/var/lib/vmkit"]
+        paths = [str(PATHS.run_dir), str(PATHS.vm_dir), "/data/", "/var/lib/vmkit", ".iso"]
         assert not [a for a in argv[1:] if any(p in a for p in paths)], argv
         fdsets = [a for i, a in enumerate(argv) if argv[i - 1] == "-add-fd"]
         used = {a.split("/dev/fdset/")[1].split(",")[0] for a in argv if "/dev/fdset/" in a}
@@ -110,3 +178,101 @@ def test_a_descriptor_per_file() -> None:
     spec, _ = SPECS["kvm-two-disks"]
     with pytest.raises(ValueError):
         qemu_argv(spec, PATHS, KVM, HandOver(3, 4, 5, 6))
+
+
+def _args(argv: list[str], flag: str) -> list[str]:
+    return [a for i, a in enumerate(argv) if argv[i - 1] == flag]
+
+
+def test_nodes_are_named_by_the_disk_not_its_position() -> None:
+    spec, host = SPECS["disk-gap"]
+    argv = qemu_argv(spec, PATHS, host, handover(spec))
+    devices = _args(argv, "-device")
+    assert "virtio-blk-pci,drive=disk0,id=disk0-dev,bus=disk0-port,bootindex=1" in devices
+    assert "virtio-blk-pci,drive=disk2,id=disk2-dev,bus=disk2-port" in devices
+    assert not any("disk1" in a for a in argv)
+    assert "driver=qcow2,file=disk2-b1-file,node-name=disk2-b1,read-only=on" in _args(argv, "-blockdev")
+    assert "fd=23,set=3,opaque=disk2-b1" in _args(argv, "-add-fd")
+
+
+def test_every_disk_on_its_own_root_port_plus_spares() -> None:
+    spec, host = SPECS["kvm-two-disks"]
+    argv = qemu_argv(spec, PATHS, host, handover(spec))
+    ports = [a for a in _args(argv, "-device") if a.startswith("pcie-root-port,")]
+    ids = [dict(p.split("=", 1) for p in a.split(",")[1:])["id"] for a in ports]
+    assert ids == ["disk0-port", "disk1-port", *(f"hp{i}" for i in range(SPARE_PORTS))]
+    for key in ("chassis", "port", "addr"):
+        values = [dict(p.split("=", 1) for p in a.split(",")[1:])[key] for a in ports]
+        assert len(set(values)) == len(values), key
+    # Each port comes before the disk that sits on it.
+    assert argv.index(ports[1]) < argv.index("virtio-blk-pci,drive=disk1,id=disk1-dev,bus=disk1-port")
+
+
+def test_root_ports_fill_slots_eight_functions_each() -> None:
+    ports = root_ports([f"p{i}" for i in range(70)])
+    assert ports[0] == {"driver": "pcie-root-port", "id": "p0", "bus": "pcie.0", "chassis": 1, "port": 0x10,
+                        "addr": "0x10.0x0", "multifunction": True}  # fmt: skip
+    assert ports[9]["addr"] == "0x11.0x1" and "multifunction" not in ports[9]
+    assert len({p["addr"] for p in ports}) == 70
+    with pytest.raises(ValueError, match="too many"):
+        root_ports([f"p{i}" for i in range(200)])
+
+
+def test_readonly_disk() -> None:
+    spec, host = SPECS["readonly-disk"]
+    blockdevs = _args(qemu_argv(spec, PATHS, host, handover(spec)), "-blockdev")
+    assert "driver=file,filename=/dev/fdset/3,node-name=disk1-file,read-only=on,cache.direct=off" in blockdevs
+    assert "driver=raw,file=disk1-file,node-name=disk1,read-only=on" in blockdevs
+    assert sum("read-only=on" in a for a in blockdevs) == 2
+
+
+def test_cdrom_boots_first() -> None:
+    spec, host = SPECS["iso-blank-disk"]
+    argv = qemu_argv(spec, PATHS, host, handover(spec))
+    devices = _args(argv, "-device")
+    assert "ide-cd,bus=ide.0,id=cd0-dev,drive=cd0,bootindex=1" in devices
+    assert "virtio-blk-pci,drive=disk0,id=disk0-dev,bus=disk0-port,bootindex=2" in devices
+    blockdevs = _args(argv, "-blockdev")
+    assert "driver=file,filename=/dev/fdset/3,node-name=cd0-file,read-only=on" in blockdevs
+    assert "driver=raw,file=cd0-file,node-name=cd0,read-only=on" in blockdevs
+    assert "fd=30,set=3,opaque=cd0" in _args(argv, "-add-fd")
+
+
+def test_empty_tray_has_no_drive() -> None:
+    spec, host = SPECS["empty-tray"]
+    argv = qemu_argv(spec, PATHS, host, handover(spec))
+    assert "ide-cd,bus=ide.0,id=cd0-dev,bootindex=1" in _args(argv, "-device")
+    assert not any("cd0" in a for a in _args(argv, "-blockdev") + _args(argv, "-add-fd"))
+    assert 30 not in handover(spec).all()
+
+
+def test_cdrom_fds_must_match_the_trays() -> None:
+    spec, host = SPECS["empty-tray"]
+    with pytest.raises(ValueError, match="empty tray"):
+        qemu_argv(spec, PATHS, host, HandOver(3, 4, 5, 6, disks=handover(spec).disks, cdroms=(9,)))
+    with pytest.raises(ValueError, match="per CD-ROM"):
+        qemu_argv(spec, PATHS, host, HandOver(3, 4, 5, 6, disks=handover(spec).disks))
+    bad = spec.model_copy(update={"cdroms": [CdromSpec(name="cd6")]})
+    with pytest.raises(ValueError, match="AHCI"):
+        qemu_argv(bad, PATHS, host, HandOver(3, 4, 5, 6, disks=handover(spec).disks, cdroms=(None,)))
+
+
+def test_option_builders_are_shared_with_qmp() -> None:
+    """The same dicts go to blockdev-add/device_add (JSON) and to the command line (dotted, on/off)."""
+    disk = DiskSpec(name="disk3", path="/x", format="qcow2")
+    bds = disk_blockdevs(disk, "/dev/fdset/7", [("/dev/fdset/6", "qcow2"), ("/dev/fdset/5", "raw")])
+    assert [b["node-name"] for b in bds] == ["disk3-b2-file", "disk3-b2", "disk3-b1-file", "disk3-b1",
+                                             "disk3-file", "disk3"]  # fmt: skip
+    assert bds[1] == {"driver": "raw", "file": "disk3-b2-file", "node-name": "disk3-b2", "read-only": True}
+    assert bds[3]["backing"] == "disk3-b2" and bds[5]["backing"] == "disk3-b1"
+    assert bds[4] == {"driver": "file", "filename": "/dev/fdset/7", "node-name": "disk3-file",
+                      "cache": {"direct": False}, "discard": "unmap"}  # fmt: skip
+    assert qemu_opts(bds[4]) == "driver=file,filename=/dev/fdset/7,node-name=disk3-file,cache.direct=off,discard=unmap"
+    assert device_opts(disk_device("disk3", "hp0")) == "virtio-blk-pci,drive=disk3,id=disk3-dev,bus=hp0"
+    assert qemu_opts(cdrom_blockdevs("cd0-g1", "/dev/fdset/9")[1]) == (
+        "driver=raw,file=cd0-g1-file,node-name=cd0-g1,read-only=on"
+    )
+    ro = disk_blockdevs(disk.model_copy(update={"readonly": True}), "/dev/fdset/7")
+    assert all(b["read-only"] is True for b in ro) and not any("discard" in b for b in ro)
+    with pytest.raises(ValueError, match="node name"):
+        disk_blockdevs(DiskSpec(path="/x", format="raw"), "/dev/fdset/1")

@@ -6,6 +6,8 @@ import gzip
 import io
 import lzma
 import os
+import re
+import shutil
 import stat
 import struct
 import subprocess
@@ -24,17 +26,22 @@ from vmkit.images.demo import (
     XZ_MAGIC,
     CpioEntry,
     DemoBuildError,
+    MbrPartition,
     cache_key,
+    chs_address,
     elf64_program_headers,
     elf_notes,
     extract_vmlinux,
+    fat_modules,
     kernel_config_value,
+    mbr_sector,
     module_closure,
     module_name,
     parse_kernel_depends,
     parse_ldd,
     power_button_modules,
     pvh_entry,
+    syslinux_config,
     tree_entries,
     trim_elf,
     write_newc,
@@ -112,6 +119,26 @@ def test_power_button_modules(button: str, evdev: str, expected: list[str]) -> N
 def test_power_button_modules_need_acpi_button() -> None:
     with pytest.raises(DemoBuildError, match="CONFIG_ACPI_BUTTON"):
         power_button_modules("# CONFIG_ACPI_BUTTON is not set\nCONFIG_INPUT_EVDEV=m\n")
+
+
+def test_fat_modules_follow_the_default_code_page_and_charset() -> None:
+    debian = (
+        'CONFIG_VFAT_FS=m\nCONFIG_FAT_DEFAULT_CODEPAGE=437\nCONFIG_FAT_DEFAULT_IOCHARSET="ascii"\n'
+        "CONFIG_NLS_CODEPAGE_437=m\nCONFIG_NLS_ASCII=m\nCONFIG_NLS_UTF8=m\n"
+    )
+    assert fat_modules(debian) == ["vfat", "nls_cp437", "nls_ascii"]
+    other = (
+        'CONFIG_VFAT_FS=y\nCONFIG_FAT_DEFAULT_CODEPAGE=850\nCONFIG_FAT_DEFAULT_IOCHARSET="iso8859-15"\n'
+        "CONFIG_NLS_CODEPAGE_850=y\nCONFIG_NLS_ISO8859_15=m\n"
+    )
+    assert fat_modules(other) == ["nls_iso8859_15"]
+
+
+def test_fat_modules_need_vfat_and_its_nls_tables() -> None:
+    with pytest.raises(DemoBuildError, match="CONFIG_VFAT_FS"):
+        fat_modules("# CONFIG_VFAT_FS is not set\nCONFIG_NLS_CODEPAGE_437=y\nCONFIG_NLS_ISO8859_1=y\n")
+    with pytest.raises(DemoBuildError, match="CONFIG_NLS_UTF8"):
+        fat_modules('CONFIG_VFAT_FS=m\nCONFIG_FAT_DEFAULT_IOCHARSET="utf8"\nCONFIG_NLS_CODEPAGE_437=m\n')
 
 
 def test_module_name() -> None:
@@ -383,6 +410,187 @@ def test_install_kernel_falls_back_to_the_bzimage(tmp_path: Path, payload: bytes
     assert (out / VMLINUZ).read_bytes() == vmlinuz.read_bytes()
 
 
+# ----------------------------------------------------------------------------------- boot disk (MBR, syslinux)
+
+MBR_CODE = bytes(range(256)) + bytes(range(184))  # 440 bytes standing in for syslinux's mbr.bin
+
+
+@pytest.mark.parametrize(
+    ("lba", "chs"),
+    [
+        (0, (0, 0, 1)),  # (cylinder, head, sector); sectors count from 1
+        (62, (0, 0, 63)),
+        (63, (0, 1, 1)),
+        (2048, (0, 32, 33)),  # what fdisk writes for the usual 1 MiB partition start
+        (131071, (8, 40, 32)),
+        (1023 * 255 * 63 + 254 * 63 + 62, (1023, 254, 63)),  # the last CHS-addressable sector
+        (1024 * 255 * 63, (1023, 254, 63)),  # beyond: the maximum
+        (1 << 31, (1023, 254, 63)),
+    ],
+)
+def test_chs_address(lba: int, chs: tuple[int, int, int]) -> None:
+    cylinder, head, sector = chs
+    assert chs_address(lba) == bytes([head, sector | (cylinder >> 8) << 6, cylinder & 0xFF])
+
+
+def test_mbr_sector_layout() -> None:
+    part = MbrPartition(2048, 129024, demo.PARTITION_TYPE_FAT16_LBA, bootable=True)
+    mbr = mbr_sector(MBR_CODE, [part], 0x12345678)
+    assert len(mbr) == 512
+    assert mbr[:440] == MBR_CODE
+    assert mbr[440:446] == b"\x78\x56\x34\x12\0\0"  # disk signature (little-endian), reserved
+    assert mbr[446:462] == bytes([0x80, 32, 33, 0, 0x0E, 40, 32, 8]) + struct.pack("<II", 2048, 129024)
+    assert mbr[462:510] == b"\0" * 48  # three unused entries
+    assert mbr[510:] == b"\x55\xaa"
+
+
+def test_mbr_sector_pads_short_boot_code_and_orders_entries() -> None:
+    parts = [MbrPartition(2048, 100, 0x83), MbrPartition(4096, 100, 0x0C, bootable=True)]
+    mbr = mbr_sector(b"\xeb\xfe", parts, 0)
+    assert mbr[:440] == b"\xeb\xfe" + b"\0" * 438
+    assert mbr[446] == 0x00 and mbr[450] == 0x83
+    assert mbr[462] == 0x80 and mbr[466] == 0x0C
+    assert struct.unpack_from("<II", mbr, 462 + 8) == (4096, 100)
+
+
+def test_mbr_sector_is_read_by_fdisk(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+        part = MbrPartition(2048, (64 << 11) - 2048, demo.PARTITION_TYPE_FAT16_LBA, bootable=True)
+        f.write(mbr_sector(MBR_CODE, [part], 0xCAFE))
+    listing = subprocess.run(
+        ["/bin/busybox", "fdisk", "-l", "-u", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    row = next(line for line in listing.splitlines() if line.startswith(f"{image}1"))
+    assert row.split()[1] == "*"  # active
+    assert row.split()[4:7] == ["2048", "131071", "129024"]
+    assert " e " in row  # type
+
+
+@pytest.mark.parametrize(
+    ("code", "parts", "disk_id", "message"),
+    [
+        (b"\0" * 441, [], 0, "boot code"),
+        (b"", [MbrPartition(2048, 10, 0x0C)] * 5, 0, "four"),
+        (b"", [MbrPartition(2048, 100, 0x0C), MbrPartition(2100, 100, 0x83)], 0, "overlaps"),
+        (b"", [MbrPartition(0, 100, 0x0C)], 0, "invalid"),  # sector 0 is the MBR itself
+        (b"", [MbrPartition(1, 0, 0x0C)], 0, "invalid"),
+        (b"", [MbrPartition(1, 1 << 32, 0x0C)], 0, "invalid"),  # ends past what 32-bit LBA reaches
+        (b"", [MbrPartition(1, 10, 0)], 0, "invalid"),  # type 0 marks an unused entry
+        (b"", [], 1 << 32, "signature"),
+    ],
+)
+def test_mbr_sector_rejects(code: bytes, parts: list[MbrPartition], disk_id: int, message: str) -> None:
+    with pytest.raises(DemoBuildError, match=message):
+        mbr_sector(code, parts, disk_id)
+
+
+def test_syslinux_config() -> None:
+    cfg = syslinux_config("demo", "/vmlinuz", "/initrd.gz", demo.CMDLINE)
+    lines = [line.strip() for line in cfg.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines == [
+        "SERIAL 0 115200",  # syslinux requires SERIAL to be the first directive
+        "DEFAULT demo",
+        "PROMPT 0",
+        "LABEL demo",
+        "LINUX /vmlinuz",
+        "INITRD /initrd.gz",
+        f"APPEND {demo.CMDLINE}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("demo", "/vmlinuz", "/initrd.gz", "quiet\nDEFAULT evil"),
+        ("demo x", "/vmlinuz", "/initrd.gz", "quiet"),
+        ("demo", "/vm linuz", "/initrd.gz", "quiet"),
+        ("demo", "/vmlinuz", "", "quiet"),
+    ],
+)
+def test_syslinux_config_rejects(args: tuple[str, str, str, str]) -> None:
+    with pytest.raises(DemoBuildError):
+        syslinux_config(*args)
+
+
+def test_installer_cmdline_runs_the_install_script() -> None:
+    assert demo.INSTALLER_CMDLINE.startswith(demo.CMDLINE + " ")
+    assert f"rdinit={demo.INSTALL_INIT}" in demo.INSTALLER_CMDLINE.split()
+    assert demo.INSTALLER_FILES["install"][0] == demo.INSTALL_INIT.lstrip("/")
+
+
+_BOOT_DISK_TOOLS = ("mkfs.vfat", "mcopy", "mdir", "qemu-img")
+
+
+@pytest.mark.skipif(
+    any(shutil.which(t) is None for t in _BOOT_DISK_TOOLS) or not demo.SYSLINUX.is_file(),
+    reason="needs dosfstools, mtools, syslinux and qemu-utils (scripts/install-deps.sh)",
+)
+def test_build_boot_disk_from_image_files(tmp_path: Path) -> None:
+    # The real tools on plain files: no root, no loop device, no QEMU. A stand-in mbr.bin is enough.
+    vmlinuz = tmp_path / "vmlinuz-6.1.0-9-amd64"
+    vmlinuz.write_bytes(b"bzImage" * 1000)
+    initrd = tmp_path / "initrd.gz"
+    initrd.write_bytes(b"initrd" * 1000)
+    cfg = syslinux_config("demo", "/vmlinuz", "/initrd.gz", demo.CMDLINE)
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "boot.qcow2"
+    with pytest.MonkeyPatch.context() as mp:
+        mbr_bin = tmp_path / "mbr.bin"
+        mbr_bin.write_bytes(MBR_CODE)
+        mp.setattr(demo, "SYSLINUX_MBR", mbr_bin)
+        meta = demo._build_boot_disk(work, vmlinuz, initrd, cfg, 0x1234ABCD, out)
+    assert meta["partition_start_sector"] == demo.BOOT_PARTITION_START
+    assert not (work / "boot.raw").exists()
+    raw = tmp_path / "boot.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(out), str(raw)], check=True)
+    data = raw.read_bytes()
+    assert len(data) == demo.BOOT_DISK_BYTES
+    part = MbrPartition(demo.BOOT_PARTITION_START, (len(data) >> 9) - demo.BOOT_PARTITION_START, 0x0E, True)
+    assert data[:512] == mbr_sector(MBR_CODE, [part], 0x1234ABCD)
+    boot_sector = data[demo.BOOT_PARTITION_START * 512 :][:512]
+    assert boot_sector[3:11] == b"SYSLINUX"  # OEM name written by syslinux's installer
+    assert struct.unpack_from("<I", boot_sector, 28)[0] == demo.BOOT_PARTITION_START  # hidden sectors
+    assert boot_sector[54:62] == b"FAT16   "
+    listing = subprocess.run(
+        ["mdir", "-a", "-b", "-i", f"{raw}@@{demo.BOOT_PARTITION_START * 512}", "::/"],
+        capture_output=True, text=True, check=True, env={**os.environ, **demo.MTOOLS_ENV},
+    ).stdout  # fmt: skip
+    names = {line.strip().lstrip(":/").lower() for line in listing.splitlines()}
+    assert {"vmlinuz", "initrd.gz", "syslinux.cfg", "ldlinux.sys", "ldlinux.c32"} <= names
+
+
+def test_install_script_partitions_like_the_boot_disk(tmp_path: Path) -> None:
+    # Feed the fdisk commands from the install script to busybox fdisk on an image file: one active FAT32
+    # (LBA) partition from sector 2048 to the end of the disk.
+    script = demo._demo_files()["install"].decode()
+    m = re.search(r"printf '([^']*)' \| fdisk -u ", script)
+    assert m, "install script no longer feeds fdisk through printf"
+    commands = m.group(1).encode().decode("unicode_escape")
+    image = tmp_path / "disk.img"
+    with image.open("wb") as f:
+        f.truncate(128 << 20)
+    # fdisk exits 1 here only because an image file cannot re-read its partition table.
+    subprocess.run(["/bin/busybox", "fdisk", "-u", str(image)], input=commands, capture_output=True, text=True)
+    mbr = image.read_bytes()[:512]
+    assert mbr[510:] == b"\x55\xaa"
+    status, _, ptype, _, start, sectors = struct.unpack_from("<B3sB3sII", mbr, 446)
+    assert (status, ptype, start, sectors) == (0x80, 0x0C, 2048, (128 << 11) - 2048)
+    assert mbr[462:510] == b"\0" * 48
+
+
+def test_install_script_reports_and_uses_the_payload() -> None:
+    script = demo._demo_files()["install"].decode()
+    assert f"say {demo.INSTALL_DONE_LINE}" in script
+    assert f"{demo.INSTALL_FAILED_LINE}: " in script
+    assert f"payload=/{demo.INSTALL_PAYLOAD}" in script
+    for name in (demo.VMLINUZ, demo.INITRD, "syslinux.cfg", "mbr.bin"):
+        assert f"$payload/{name}" in script
+    assert "poweroff -f" in script
+
+
 # ----------------------------------------------------------------------------------- cpio
 
 
@@ -459,15 +667,18 @@ def test_write_newc_readable_by_cpio(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- guest files
 
 
+ALL_GUEST_FILES = {**demo.GUEST_FILES, **demo.INSTALLER_FILES}
+
+
 def test_guest_files_are_packaged() -> None:
     files = demo._demo_files()
-    assert set(files) == set(demo.GUEST_FILES)
-    for name, (_, mode) in demo.GUEST_FILES.items():
+    assert set(files) == set(ALL_GUEST_FILES)
+    for name, (_, mode) in ALL_GUEST_FILES.items():
         if mode & 0o111:
             assert files[name].startswith(b"#!/bin/sh\n"), name
 
 
-@pytest.mark.parametrize("name", [n for n, (_, mode) in demo.GUEST_FILES.items() if mode & 0o111])
+@pytest.mark.parametrize("name", [n for n, (_, mode) in ALL_GUEST_FILES.items() if mode & 0o111])
 def test_guest_scripts_parse(name: str) -> None:
     script = demo._demo_files()[name].decode()
     subprocess.run(["/bin/busybox", "sh", "-n"], input=script, text=True, check=True)
@@ -486,16 +697,46 @@ def _no_subprocess(*args: object, **kwargs: object) -> proc.Result:
     raise AssertionError(f"unexpected subprocess: {args}")
 
 
+# Module constants naming the host files whose digests enter the cache key.
+HOST_FILE_ATTRS = (
+    "BUSYBOX",
+    "QEMU_GA",
+    "SYSLINUX",
+    "EXTLINUX",
+    "SYSLINUX_MBR",
+    "LDLINUX_C32",
+    "ISOLINUX_BIN",
+    "ISOHYBRID_MBR",
+)
+
+
 @pytest.fixture
 def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Stand-ins for the host binaries and apt lists; returns the cache dir."""
-    (tmp_path / "busybox").write_bytes(b"busybox")
-    (tmp_path / "qemu-ga").write_bytes(b"qemu-ga")
     (tmp_path / "lists").mkdir()
-    monkeypatch.setattr(demo, "BUSYBOX", tmp_path / "busybox")
-    monkeypatch.setattr(demo, "QEMU_GA", tmp_path / "qemu-ga")
     monkeypatch.setattr(demo, "APT_LISTS", tmp_path / "lists")
+    for attr in HOST_FILE_ATTRS:
+        fake = tmp_path / "host" / attr.lower()
+        fake.parent.mkdir(exist_ok=True)
+        fake.write_bytes(attr.encode())
+        monkeypatch.setattr(demo, attr, fake)
     return tmp_path / "cache"
+
+
+def test_host_inputs_are_the_patchable_constants(fake_host: Path) -> None:
+    assert sorted(demo._host_inputs().values()) == sorted(getattr(demo, a) for a in HOST_FILE_ATTRS)
+
+
+def test_missing_boot_loader_files_are_named(fake_host: Path) -> None:
+    demo.EXTLINUX.unlink()
+    with pytest.raises(DemoBuildError, match="extlinux"):
+        demo._host_digests()
+
+
+def test_boot_loader_files_are_in_the_cache_key(fake_host: Path) -> None:
+    key = cache_key(FILES, demo._host_digests())
+    demo.SYSLINUX_MBR.write_bytes(b"another mbr.bin")
+    assert cache_key(FILES, demo._host_digests()) != key
 
 
 def test_kernel_version_is_memoised_until_apt_lists_change(fake_host: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -524,12 +765,10 @@ def test_cached_image_is_returned_without_building(
 ) -> None:
     monkeypatch.setattr(demo, "resolve_kernel_version", lambda cache_dir: "6.1.0-9-amd64")
     monkeypatch.setattr(proc, "run", _no_subprocess)
-    key = cache_key(
-        demo._demo_files(), {"busybox": demo._sha256_file(demo.BUSYBOX), "qemu-ga": demo._sha256_file(demo.QEMU_GA)}
-    )
+    key = cache_key(demo._demo_files(), demo._host_digests())
     final = fake_host / f"demo-6.1.0-9-amd64-{key[:16]}"
     final.mkdir(parents=True)
-    for name in (kernel, "initrd.gz", "disk.qcow2"):
+    for name in (kernel, "initrd.gz", "disk.qcow2", "boot.qcow2", "installer.iso"):
         (final / name).write_bytes(b"x")
 
     messages: list[tuple[float, str]] = []
@@ -537,9 +776,21 @@ def test_cached_image_is_returned_without_building(
     assert image.kernel == final / kernel
     assert image.initrd == final / "initrd.gz"
     assert image.disk == final / "disk.qcow2"
+    assert image.boot_disk == final / "boot.qcow2"
+    assert image.installer_iso == final / "installer.iso"
     assert image.kernel_version == "6.1.0-9-amd64"
     assert image.cmdline == demo.CMDLINE
     assert messages and messages[-1][0] == 1.0
+
+
+@pytest.mark.parametrize("missing", ["boot.qcow2", "installer.iso"])
+def test_image_without_every_form_is_incomplete(tmp_path: Path, missing: str) -> None:
+    for name in (VMLINUX, "initrd.gz", "disk.qcow2", "boot.qcow2", "installer.iso"):
+        if name != missing:
+            (tmp_path / name).write_bytes(b"x")
+    assert not demo._is_complete(demo._image_from_dir(tmp_path, "6.1.0-9-amd64"))
+    (tmp_path / missing).write_bytes(b"x")
+    assert demo._is_complete(demo._image_from_dir(tmp_path, "6.1.0-9-amd64"))
 
 
 def test_failed_build_leaves_nothing_that_looks_finished(fake_host: Path, monkeypatch: pytest.MonkeyPatch) -> None:

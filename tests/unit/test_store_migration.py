@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vmkit.store.db import _MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, TokenRow
+from vmkit.store.db import _MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, TokenRow, VolumeRow
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "state-v1.sql"
 
@@ -42,12 +42,37 @@ def test_v2_database_is_migrated(tmp_path: Path) -> None:
     assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'tokens'").fetchone() is None
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
     assert {r.spec.name: r.uid for r in store.vms()} == {"old": 1_900_000_005, "oldrun": None}
     assert store.tokens() == []
     store.add_token(TokenRow("ci", "00" * 32, True, 1.0, None))
     store.close()
     assert Store(db).tokens() == [TokenRow("ci", "00" * 32, True, 1.0, None)]
+
+
+def test_v3_database_gets_pools_and_volumes(tmp_path: Path) -> None:
+    db = tmp_path / "vmkit.db"
+    con = sqlite3.connect(db)
+    con.executescript(FIXTURE.read_text().replace("@STATE@", str(tmp_path)))
+    for version in (2, 3):
+        for stmt in _MIGRATIONS[version]:
+            con.execute(stmt)
+    con.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    store = Store(db)
+    assert store.get_meta("schema_version") == "4" and store.pools() == [] and store.volumes() == []
+    store.add_pool("default", "dir", str(tmp_path))
+    store.add_volume(VolumeRow("default", "a.qcow2", "qcow2", "off", None, "ready", 1.0))
+    with store.transaction():
+        store.update_volume("default", "a.qcow2", state="deleting")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.update_volume("default", "a.qcow2", state="ready")
+        raise RuntimeError("rolled back")
+    assert store.volume("default", "a.qcow2") == VolumeRow("default", "a.qcow2", "qcow2", "off", None, "deleting", 1.0)
+    with pytest.raises(ValueError):
+        store.update_volume("default", "a.qcow2", created_at="2")
+    assert [r.key for r in store.volumes("default")] == ["default/a.qcow2"]
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -15,9 +15,12 @@ from vmkit.services.auth import TokenService
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
 from vmkit.services.operations import Operations
+from vmkit.services.pools import PoolService
 from vmkit.services.sessions import Sessions
 from vmkit.services.stats import StatsService
+from vmkit.services.vmdisks import VmDiskService
 from vmkit.services.vms import VmService
+from vmkit.services.volumes import VolumeService
 
 
 @dataclass
@@ -30,6 +33,9 @@ class Services:
     host_report: dict[str, object]
     stats: StatsService
     auth: TokenService
+    pools: PoolService
+    volumes: VolumeService
+    vmdisks: VmDiskService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
     state_dir: str | None = None  # for the dashboard's disk usage

@@ -12,7 +12,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from vmkit.api.deps import Services, services, unless_stopping, ws_services
 from vmkit.api.websocket import bridge
-from vmkit.model.vm import NAME_PATTERN, CreateVm, DiskInfo, SetVm, VmInfo, VmState, check_name
+from vmkit.model.vm import (
+    DISK_NAME_PATTERN,
+    NAME_PATTERN,
+    AttachDisk,
+    ChangeMedia,
+    CreateVm,
+    DiskInfo,
+    SetVm,
+    VmInfo,
+    VmState,
+    check_name,
+)
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
 Svc = Annotated[Services, Depends(services)]
@@ -96,6 +107,28 @@ async def set_vm(name: VmName, req: SetVm, svc: Svc) -> VmInfo:
 async def vm_disks(name: VmName, svc: Svc) -> list[DiskInfo]:
     """The VM's disks; while it runs, `live` holds the I/O limits QEMU enforces (from query-block)."""
     return [DiskInfo.model_validate(d) for d in await svc.vms.disks(name)]
+
+
+@router.post("/{name}/disks")
+async def attach_disk(name: VmName, req: AttachDisk, svc: Svc) -> list[DiskInfo]:
+    """Attach a volume as a new disk: hot-plugged while the VM runs, and kept for its next start."""
+    return [DiskInfo.model_validate(d) for d in await svc.vmdisks.attach(name, req)]
+
+
+@router.delete("/{name}/disks/{disk}")
+async def detach_disk(
+    name: VmName,
+    disk: Annotated[str, Path(description="the disk's name (disk1)", pattern=DISK_NAME_PATTERN)],
+    svc: Svc,
+) -> list[DiskInfo]:
+    """Detach a disk (the guest must let go of it while running); its volume is kept."""
+    return [DiskInfo.model_validate(d) for d in await svc.vmdisks.detach(name, disk)]
+
+
+@router.post("/{name}/media")
+async def change_media(name: VmName, req: ChangeMedia, svc: Svc) -> list[DiskInfo]:
+    """Insert a medium into a CD-ROM drive, or eject it (source null); also while the VM runs."""
+    return [DiskInfo.model_validate(d) for d in await svc.vmdisks.change_media(name, req)]
 
 
 @router.delete("/{name}", status_code=204)

@@ -80,6 +80,17 @@ def normalize_fingerprint(text: str) -> str:
     return fp
 
 
+def _decode(status: int, payload: bytes) -> Any:
+    """The JSON answer, or ApiError with the daemon's {"error"} message."""
+    if status >= 400:
+        try:
+            msg = json.loads(payload).get("error") or payload.decode()
+        except (ValueError, AttributeError):
+            msg = payload.decode(errors="replace")
+        raise ApiError(status, str(msg))
+    return json.loads(payload) if payload else None
+
+
 class Client:
     def __init__(
         self,
@@ -193,15 +204,76 @@ class Client:
                 status, payload = _read_response(f)
         finally:
             sock.close()
-        if status >= 400:
-            try:
-                msg = json.loads(payload).get("error") or payload.decode()
-            except (ValueError, AttributeError):
-                msg = payload.decode(errors="replace")
-            raise ApiError(status, str(msg))
-        if raw:
+        if raw and status < 400:
             return payload
-        return json.loads(payload) if payload else None
+        return _decode(status, payload)
+
+    def _send_head(self, sock: socket.socket, method: str, url: str, extra: str) -> None:
+        head = f"{method} {url} HTTP/1.1\r\nHost: {self._host_header()}\r\nConnection: close\r\n{extra}"
+        for name, value in self.auth_headers().items():
+            head += f"{name}: {value}\r\n"
+        sock.sendall(head.encode() + b"\r\n")
+
+    def upload(self, url: str, f: Any, size: int, progress: Any = None) -> Any:
+        """PUT the open binary file f (size bytes) as the request body, streamed; returns the JSON answer."""
+        sock = self.connect()
+        try:
+            self._send_head(sock, "PUT", url, f"Content-Length: {size}\r\nContent-Type: application/octet-stream\r\n")
+            sent = 0
+            while sent < size:
+                chunk = f.read(min(4 << 20, size - sent))
+                if not chunk:
+                    raise ApiError(0, "the file shrank while it was being sent")
+                try:
+                    sock.sendall(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # the daemon refused early (no space, bad name…): its answer says why
+                sent += len(chunk)
+                if progress:
+                    progress(sent / size if size else 1.0)
+            with sock.makefile("rb") as r:
+                status, payload = _read_response(r)
+        finally:
+            sock.close()
+        return _decode(status, payload)
+
+    def download(self, url: str, out: Any, progress: Any = None) -> int:
+        """GET url and write its body to the open binary file out as it arrives, leaving holes where the body is
+        zeros (disk images are mostly zeros); returns the byte count."""
+        sock = self.connect()
+        try:
+            self._send_head(sock, "GET", url, "")
+            with sock.makefile("rb") as r:
+                status_line = r.readline()
+                if not status_line:
+                    raise ApiError(0, "the daemon closed the connection without answering")
+                status = int(status_line.split(b" ", 2)[1])
+                length = None
+                while (line := r.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                if status >= 400:
+                    _decode(status, r.read(length) if length is not None else r.read())
+                done = 0
+                zeros = bytes(1 << 20)
+                while length is None or done < length:
+                    chunk = r.read(min(1 << 20, length - done) if length is not None else 1 << 20)
+                    if not chunk:
+                        break
+                    if chunk == zeros[: len(chunk)]:
+                        out.seek(len(chunk), os.SEEK_CUR)
+                    else:
+                        out.write(chunk)
+                    done += len(chunk)
+                    if progress and length:
+                        progress(done / length)
+                out.truncate(out.tell())  # a file ending in a hole still gets its full size
+                if length is not None and done != length:
+                    raise ApiError(0, f"the download stopped after {done} of {length} bytes")
+                return done
+        finally:
+            sock.close()
 
     def get(self, url: str, **kw: Any) -> Any:
         return self.request("GET", url, **kw)

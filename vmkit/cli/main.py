@@ -43,16 +43,22 @@ def parse_size(text: str) -> int:
 
 def parse_disk_opts(text: str, *, first: str) -> dict[str, Any]:
     """'10G,iops=100,bps=20M' → {'size': 10 GiB, 'iops_total': 100, 'bps_total': 20 MiB}. The first item
-    may be bare: it is then the `first` key (size for create, the disk's name for set)."""
+    may be bare: it is then the `first` key (size or POOL/VOL for create, the disk's name for set)."""
     out: dict[str, Any] = {}
     for i, item in enumerate(text.split(",")):
         key, sep, value = item.partition("=")
         if not sep and i == 0:
             key, value = first, item
+            if first == "size" and "/" in item:
+                key = "volume"
         if key == "size":
             out["size"] = parse_size(value)
-        elif key == "name":
-            out["name"] = value
+        elif key in ("name", "volume", "pool"):
+            out[key] = value
+        elif key == "format" and value in ("qcow2", "raw"):
+            out["format"] = value
+        elif key == "prealloc" and value in ("off", "metadata", "falloc", "full"):
+            out["prealloc"] = value
         elif key in ("iops", "bps"):
             number = value.strip().lower()
             if number in ("none", "unlimited"):
@@ -62,8 +68,13 @@ def parse_disk_opts(text: str, *, first: str) -> dict[str, Any]:
                 out[f"{key}_total"] = parse_size(value) if key == "bps" else int(value)
             except ValueError:
                 raise CliError(f"invalid {key} {value!r}: a whole number, or 'none'") from None
+        elif key in ("format", "prealloc"):
+            choices = "qcow2, raw" if key == "format" else "off, metadata, falloc, full"
+            raise CliError(f"invalid {key} {value!r} (use {choices})")
         else:
-            raise CliError(f"unknown disk option {item!r} (use size, iops=N, bps=N)")
+            raise CliError(
+                f"unknown disk option {item!r} (use SIZE or POOL/VOL, format=, prealloc=, pool=, iops=N, bps=N)"
+            )
     return out
 
 
@@ -176,13 +187,24 @@ def vm_create(c: Client, a: argparse.Namespace) -> int:
     for key in ("cpu_weight", "cpu_max_percent", "memory_max_mib"):
         if getattr(a, key) is not None:
             body[key] = getattr(a, key)
-    if a.disk is not None:
-        disk = parse_disk_opts(a.disk, first="size")
-        if "size" in disk:
-            body["disk_size_bytes"] = disk["size"]
-        for key in ("iops_total", "bps_total"):
-            if disk.get(key) is not None:
-                body[f"disk_{key}"] = disk[key]
+    if a.iso is not None:
+        body["iso"] = _iso_source(c, a.iso)
+    if a.copy:
+        body["image_copy"] = True
+    disks = [parse_disk_opts(d, first="size") for d in a.disk]
+    for i, disk in enumerate(disks):
+        if "size" not in disk and "volume" not in disk:
+            # Options alone: limits of the image's own disk (the first), as `--image demo --disk iops=100`.
+            if i or a.image is None or set(disk) - {"iops_total", "bps_total"}:
+                raise CliError("each --disk needs a SIZE (a new volume) or POOL/VOL (an existing one), unless it "
+                               "only sets iops/bps of the --image disk")  # fmt: skip
+            for key in ("iops_total", "bps_total"):
+                if disk.get(key) is not None:
+                    body[f"disk_{key}"] = disk[key]
+            continue
+        new = {"size_bytes": disk["size"]} if "size" in disk else {"volume": disk["volume"]}
+        new.update({k: v for k, v in disk.items() if k in ("pool", "format", "prealloc", "iops_total", "bps_total")})
+        body.setdefault("disks", []).append(new)
     vm = c.post("/v1/vms", body)
     if a.start:
         vm = c.post(_vm_url(a.name, "start"))
@@ -203,6 +225,33 @@ def vm_set(c: Client, a: argparse.Namespace) -> int:
     return emit(a, vm, f"VM {a.name}: limits {_limits_text(vm)}")
 
 
+def _iso_source(c: Client, text: str) -> str:
+    """--iso: a volume (POOL/NAME) or an install-media image's name as they are; a local file is first uploaded
+    into pool `images` (once: a volume of the same name and size is reused), since the daemon never opens a
+    path a client names."""
+    if not os.path.isfile(text):
+        return text
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(text)).lstrip("._-")[:63] or "install.iso"
+    size = os.path.getsize(text)
+    try:
+        have = c.get(f"/v1/pools/images/volumes/{quote(name)}")
+    except ApiError as e:
+        if e.status != 404:
+            raise
+        have = None
+    if have is not None:
+        if have["capacity_bytes"] != size:
+            raise CliError(f"pool images already has a different {name}; import this file under another name "
+                           "(vmkit volume import images/NAME FILE) and give --iso images/NAME")  # fmt: skip
+        sys.stderr.write(f"using volume images/{name} (already imported)\n")
+        return f"images/{name}"
+    with open(text, "rb") as f:
+        bar = ProgressBar(f"importing {name}")
+        c.upload(f"/v1/pools/images/volumes/{quote(name)}/upload", f, size, lambda x: bar.update(x, ""))
+        bar.done()
+    return f"images/{name}"
+
+
 def vm_disks(c: Client, a: argparse.Namespace) -> int:
     disks = c.get(_vm_url(a.name, "disks"))
     if a.json:
@@ -213,15 +262,45 @@ def vm_disks(c: Client, a: argparse.Namespace) -> int:
         value = (d.get("live") or {}).get(key)
         return "-" if d.get("live") is None else str(value or "unlimited")
 
+    def limit(d: dict[str, Any], key: str) -> str:
+        return "-" if d["device"] == "cdrom" else str(d.get(key) or "unlimited")
+
     print_table(
-        ["name", "format", "path", "backing image", "iops", "bps", "live iops", "live bps"],
+        ["target", "device", "source", "format", "provisioning", "backing", "iops", "bps", "live iops", "live bps"],
         [
-            [d["name"], d["format"], d["path"], d.get("backing_image") or "-", d.get("iops_total") or "unlimited",
-             d.get("bps_total") or "unlimited", live(d, "iops"), live(d, "bps")]
+            [d["name"], d["device"] + (" (ro)" if d.get("readonly") and d["device"] == "disk" else ""),
+             d.get("volume") or d.get("path") or "(empty)", d.get("format") or "-", d.get("provisioning") or "-",
+             d.get("backing") or "-", limit(d, "iops_total"), limit(d, "bps_total"), live(d, "iops"), live(d, "bps")]
             for d in disks
         ],
     )  # fmt: skip
     return 0
+
+
+def vm_attach_disk(c: Client, a: argparse.Namespace) -> int:
+    disks = c.post(_vm_url(a.name, "disks"), {"volume": a.volume, "readonly": a.readonly})
+    new = next((d for d in disks if d.get("volume") == a.volume), {"name": "?"})
+    return emit(a, disks, f"{a.volume} attached to {a.name} as {new['name']}")
+
+
+def vm_detach_disk(c: Client, a: argparse.Namespace) -> int:
+    target = a.disk
+    if "/" in target:  # a volume: find which disk it is
+        found = [d["name"] for d in c.get(_vm_url(a.name, "disks")) if d.get("volume") == target]
+        if not found:
+            raise CliError(f"{target} is not a disk of {a.name}")
+        target = found[0]
+    disks = c.request("DELETE", _vm_url(a.name, f"disks/{quote(target)}"))
+    return emit(a, disks, f"{a.disk} detached from {a.name} (the volume is kept)")
+
+
+def vm_media(c: Client, a: argparse.Namespace) -> int:
+    if a.action == "insert" and not a.source:
+        raise CliError("insert needs a medium: vmkit vm media insert NAME POOL/VOL|IMAGE|FILE")
+    source = _iso_source(c, a.source) if a.action == "insert" else None
+    disks = c.post(_vm_url(a.name, "media"), {"drive": a.drive, "source": source})
+    done = f"{source} inserted into" if source else "ejected the medium of"
+    return emit(a, disks, f"{done} {a.name}'s {a.drive}")
 
 
 def _simple_action(action: str, done: str) -> Callable[[Client, argparse.Namespace], int]:
@@ -498,9 +577,11 @@ class _Skipped:
 
 
 VERBS = {
-    "vm": {"create", "set", "disks", "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown",
-           "stop", "delete", "autostart", "wait", "log", "console", "exec"},
+    "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "list", "info", "start", "reboot",
+           "pause", "resume", "destroy", "shutdown", "stop", "delete", "autostart", "wait", "log", "console", "exec"},
     "image": {"list", "demo"},
+    "pool": {"list", "info", "create", "refresh", "delete"},
+    "volume": {"list", "info", "create", "resize", "convert", "clone", "import", "export", "delete"},
     "host": {"check"},
     "token": {"create", "list", "revoke"},
     "daemon": set(),
@@ -565,14 +646,21 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp.add_argument("name")
     sp.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (default 512)")
     sp.add_argument("--vcpus", type=int, metavar="N", help="virtual CPUs (default 1)")
-    sp.add_argument("--image", help="boot from a registered image (e.g. demo)")
+    sp.add_argument("--image", metavar="IMAGE|POOL/VOL", help="boot from an image (demo, demo-disk) or a disk volume")
+    sp.add_argument("--linked", action="store_true", help="the image's disk as a thin overlay on it (the default)")
+    sp.add_argument("--copy", action="store_true", help="the image's disk as a full copy instead of an overlay")
+    sp.add_argument(
+        "--iso", metavar="POOL/VOL|IMAGE|FILE", help="install media as a CD-ROM, booted first (a FILE is uploaded)"
+    )
     sp.add_argument("--kernel", metavar="FILE", help="direct kernel boot")
     sp.add_argument("--initrd", metavar="FILE")
     sp.add_argument("--cmdline", metavar="STRING", help="kernel command line")
     sp.add_argument(
         "--disk",
-        metavar="[SIZE][,iops=N][,bps=N]",
-        help="disk size, e.g. 10G (qcow2, thin), and I/O limits, e.g. 10G,iops=500,bps=50M",
+        action="append",
+        default=[],
+        metavar="SIZE|POOL/VOL[,format=F][,prealloc=P][,pool=P][,iops=N][,bps=N]",
+        help="a new disk (e.g. 10G: qcow2, thin) or an existing volume; repeatable; iops/bps limit its I/O",
     )
     sp.add_argument("--no-nic", action="store_true", help="no network card")
     _limit_flags(sp, int)
@@ -584,8 +672,20 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp.add_argument(
         "--disk", action="append", default=[], metavar="DISK,iops=N,bps=N", help="I/O limits of one disk (disk0, …)"
     )
-    sp = add(vm, "disks", vm_disks, "list a VM's disks with their I/O limits (live values while it runs)")
+    sp = add(vm, "disks", vm_disks, "list a VM's drives with their volumes and I/O limits (like domblklist)")
     sp.add_argument("name")
+    sp = add(vm, "attach-disk", vm_attach_disk, "attach a volume (hot-plugged while running)")
+    sp.add_argument("name")
+    sp.add_argument("volume", metavar="POOL/VOL")
+    sp.add_argument("--readonly", action="store_true")
+    sp = add(vm, "detach-disk", vm_detach_disk, "detach a disk (hot-unplugged while running); the volume stays")
+    sp.add_argument("name")
+    sp.add_argument("disk", metavar="DISK|POOL/VOL")
+    sp = add(vm, "media", vm_media, "eject or insert a CD-ROM medium (also while running)")
+    sp.add_argument("action", choices=["eject", "insert"])
+    sp.add_argument("name")
+    sp.add_argument("source", nargs="?", metavar="POOL/VOL|IMAGE|FILE")
+    sp.add_argument("--drive", default="cd0", metavar="CD", help="the CD-ROM drive (default cd0)")
     sp = add(vm, "list", vm_list, "list VMs")
     for verb, fn, help_ in (
         ("info", vm_info, "show one VM"),
@@ -628,6 +728,11 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     add(image, "list", image_list, "list images")
     sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
     sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
+
+    from vmkit.cli import pools, volumes
+
+    pools.add_parsers(nouns, add)
+    volumes.add_parsers(nouns, add)
 
     sp = nouns.add_parser("events", help="follow VM state changes and operations as they happen")
     sp.set_defaults(fn=events)

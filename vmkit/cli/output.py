@@ -25,6 +25,17 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     sys.stdout.write(table(headers, rows))
 
 
+def human_size(n: int | None) -> str:
+    """Bytes in binary units, as qemu-img prints them: 512 B, 64 MiB, 1.5 GiB."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
 def kv(pairs: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:

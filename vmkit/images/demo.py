@@ -4,14 +4,25 @@ The guest is a Debian kernel plus a busybox initramfs running the host's qemu-gu
 network access beyond the Debian archive (for the kernel package) and boots to VMKIT-DEMO-READY on ttyS0
 in a few seconds even under TCG.
 
-The kernel is shipped uncompressed: QEMU's -kernel boots an ELF that carries a Xen PVH entry note
-directly, which under TCG saves the ~3 s the bzImage (vmlinuz) spends decompressing itself, about half of
-the boot. Kernels without that note, or whose payload is not xz, are shipped as the bzImage instead.
+One build yields the guest in three forms:
+
+- direct kernel boot (QEMU -kernel/-initrd): the kernel is shipped uncompressed, because QEMU's -kernel
+  boots an ELF that carries a Xen PVH entry note directly, which under TCG saves the ~3 s the bzImage
+  (vmlinuz) spends decompressing itself, about half of the boot. Kernels without that note, or whose
+  payload is not xz, are shipped as the bzImage instead. disk.qcow2 is an empty data disk beside it.
+- boot.qcow2, a BIOS-bootable disk: an MBR with syslinux's boot code and one active FAT16 partition
+  holding syslinux, the packaged bzImage (syslinux cannot boot the PVH ELF), the same initramfs and a
+  syslinux.cfg with the same command line. Built from image files only (mkfs.vfat --offset, mcopy,
+  syslinux --offset): no loop device, no mount, no root.
+- installer.iso, a bootable isolinux CD (also isohybrid) whose installer partitions the guest's first
+  writable virtio disk, makes it bootable and copies the same system onto it, then powers off; the disk
+  then boots alone like boot.qcow2. Its initramfs is the demo one plus the payload and
+  demo_files/install, started instead of init by rdinit= so the normal boot path is untouched.
 
 Layout of a finished image, committed by one atomic rename so a crash never leaves a half image:
 
     cache_dir/debs/linux-image-<ver>_<pkgver>_amd64.deb     kept for rebuilds
-    cache_dir/demo-<ver>-<key>/{vmlinux or vmlinuz,initrd.gz,disk.qcow2,image.json}
+    cache_dir/demo-<ver>-<key>/{vmlinux or vmlinuz,initrd.gz,disk.qcow2,boot.qcow2,installer.iso,image.json}
 """
 
 from __future__ import annotations
@@ -43,7 +54,43 @@ DISK_SIZE = "64M"
 
 # Bump whenever the build recipe changes in a way the hashed inputs below do not capture.
 # 2: the kernel is the uncompressed, trimmed ELF (vmlinux, PVH boot) instead of vmlinuz.
-RECIPE_VERSION = 2
+# 3: the image also holds boot.qcow2 (BIOS-bootable syslinux disk) and installer.iso.
+RECIPE_VERSION = 3
+
+# File names in an image directory besides the kernel.
+INITRD = "initrd.gz"
+DATA_DISK = "disk.qcow2"
+BOOT_DISK = "boot.qcow2"
+INSTALLER_ISO = "installer.iso"
+
+# The installer: the ISO boots the kernel with this command line; rdinit= runs the install script as the
+# first process instead of busybox init, so the demo's own rcS needs no install branch at all.
+INSTALL_INIT = "/sbin/vmkit-install"
+INSTALLER_CMDLINE = f"{CMDLINE} rdinit={INSTALL_INIT}"
+INSTALL_DONE_LINE = "VMKIT-INSTALL-DONE"
+INSTALL_FAILED_LINE = "VMKIT-INSTALL-FAILED"
+# Where the installer initramfs carries what it writes onto the disk.
+INSTALL_PAYLOAD = "usr/share/vmkit-install"
+
+# boot.qcow2: 64 MiB virtual (qcow2 keeps it thin), one partition from 1 MiB (the usual alignment) to the
+# end. FAT16 is the natural FAT for that size (FAT32 would need 512-byte clusters to reach its minimum of
+# 65525); syslinux boots from either.
+SECTOR_SIZE = 512
+BOOT_DISK_BYTES = 64 << 20
+BOOT_PARTITION_START = 2048  # sectors
+PARTITION_TYPE_FAT16_LBA = 0x0E
+FAT_LABEL = "VMKITDEMO"
+# mtools checks that a filesystem's size fits the BPB's CHS geometry, which means nothing for an image file.
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+
+# Boot loader files from Debian's syslinux, syslinux-common, isolinux and extlinux packages. Their
+# content is part of the cache key: the boot sectors and ldlinux.sys come from them.
+SYSLINUX = Path("/usr/bin/syslinux")  # mtools-based installer, works on image files
+EXTLINUX = Path("/usr/bin/extlinux")  # installer for a mounted filesystem, run inside the installer guest
+SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
+ISOHYBRID_MBR = Path("/usr/lib/ISOLINUX/isohdpfx.bin")
 
 # Kernel file names in an image directory: the uncompressed ELF (PVH boot) or the bzImage as packaged.
 VMLINUX = "vmlinux"
@@ -87,6 +134,10 @@ GUEST_FILES: Mapping[str, tuple[str, int]] = {
     "passwd": ("etc/passwd", 0o644),
     "group": ("etc/group", 0o644),
 }
+# demo_files/<name> -> (path, mode) in the installer initramfs only; also part of the cache key.
+INSTALLER_FILES: Mapping[str, tuple[str, int]] = {
+    "install": (INSTALL_INIT.lstrip("/"), 0o755),
+}
 
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 _BUILD_PREFIX = ".demo-build-"
@@ -109,6 +160,11 @@ class DemoImage:
     disk: Path  # small empty qcow2 base disk; VMs get an overlay of it
     cmdline: str  # kernel command line; serial console on ttyS0
     kernel_version: str  # e.g. "6.1.0-56-amd64"
+    # BIOS-bootable qcow2 (MBR + syslinux + bzImage + initrd.gz), booted without -kernel; use an overlay.
+    boot_disk: Path
+    # Bootable installer CD: installs the boot_disk system onto the guest's first writable virtio disk,
+    # prints INSTALL_DONE_LINE on ttyS0 and powers off.
+    installer_iso: Path
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -148,16 +204,121 @@ def kernel_config_value(config_text: str, option: str) -> str | None:
     return None
 
 
-def power_button_modules(config_text: str) -> list[str]:
-    """Modules to load so ACPI power-button presses reach /dev/input/event* (nothing when built in)."""
+def _config_modules(config_text: str, options: Iterable[tuple[str, str]], purpose: str) -> list[str]:
+    """The module of each (option, module) that the kernel builds as a module; none for built-in ones."""
     mods: list[str] = []
-    for option, module in POWER_BUTTON_OPTIONS:
+    for option, module in options:
         value = kernel_config_value(config_text, option)
         if value == "m":
             mods.append(module)
         elif value != "y":
-            raise DemoBuildError(f"kernel lacks {option}: ACPI power-off could not work")
+            raise DemoBuildError(f"kernel lacks {option}: {purpose}")
     return mods
+
+
+def power_button_modules(config_text: str) -> list[str]:
+    """Modules to load so ACPI power-button presses reach /dev/input/event* (nothing when built in)."""
+    return _config_modules(config_text, POWER_BUTTON_OPTIONS, "ACPI power-off could not work")
+
+
+def fat_modules(config_text: str) -> list[str]:
+    """Modules the installer loads to mount a vfat filesystem with the kernel's default options.
+
+    vfat always loads the NLS tables of its default code page and I/O charset (mount fails with "IO
+    charset ... not found" otherwise), so those are needed too; which ones is read from the config.
+    """
+    codepage = kernel_config_value(config_text, "CONFIG_FAT_DEFAULT_CODEPAGE") or "437"
+    iocharset = (kernel_config_value(config_text, "CONFIG_FAT_DEFAULT_IOCHARSET") or "iso8859-1").strip('"')
+    nls = iocharset.replace("-", "_")
+    options = (
+        ("CONFIG_VFAT_FS", "vfat"),
+        (f"CONFIG_NLS_CODEPAGE_{codepage}", f"nls_cp{codepage}"),
+        (f"CONFIG_NLS_{nls.upper()}", f"nls_{nls.lower()}"),
+    )
+    return _config_modules(config_text, options, "the installer could not mount its FAT partition")
+
+
+class MbrPartition(NamedTuple):
+    """One primary partition of an MBR partition table."""
+
+    start: int  # first sector (LBA)
+    sectors: int
+    type: int  # partition type byte, e.g. PARTITION_TYPE_FAT16_LBA
+    bootable: bool = False  # the "active" flag: syslinux's mbr.bin boots the active partition
+
+
+MBR_BOOT_CODE_SIZE = 440  # then the disk signature (4 bytes), 2 reserved, 4 x 16-byte entries, 0x55 0xAA
+_MBR_ENTRY = struct.Struct("<B3sB3sII")
+# The conventional geometry for CHS fields of LBA disks (what fdisk and sfdisk write).
+_CHS_HEADS = 255
+_CHS_SECTORS = 63
+
+
+def chs_address(lba: int) -> bytes:
+    """The 3-byte CHS field for lba (head, sector | cylinder high bits, cylinder low byte).
+
+    Only firmware without LBA reads these; SeaBIOS and syslinux's MBR code use the LBA fields. Past
+    cylinder 1023 CHS cannot address a sector, and the field holds the maximum (1023, 254, 63).
+    """
+    cylinder, rest = divmod(lba, _CHS_HEADS * _CHS_SECTORS)
+    head, sector = divmod(rest, _CHS_SECTORS)
+    if cylinder > 1023:
+        cylinder, head, sector = 1023, _CHS_HEADS - 1, _CHS_SECTORS - 1
+    return bytes([head, (sector + 1) | ((cylinder >> 2) & 0xC0), cylinder & 0xFF])
+
+
+def mbr_sector(boot_code: bytes, partitions: Sequence[MbrPartition], disk_id: int) -> bytes:
+    """Sector 0 of an MBR disk: boot code, disk signature, up to four primary partitions, boot signature."""
+    if len(boot_code) > MBR_BOOT_CODE_SIZE:
+        raise DemoBuildError(f"MBR boot code is {len(boot_code)} bytes, at most {MBR_BOOT_CODE_SIZE} fit")
+    if len(partitions) > 4:
+        raise DemoBuildError("an MBR holds at most four primary partitions")
+    if not 0 <= disk_id < 1 << 32:
+        raise DemoBuildError(f"disk signature {disk_id:#x} does not fit 32 bits")
+    taken: list[tuple[int, int]] = []
+    entries = b""
+    for p in partitions:
+        end = p.start + p.sectors  # exclusive
+        if p.start < 1 or p.sectors < 1 or end > 1 << 32 or not 0 < p.type < 256:
+            raise DemoBuildError(f"invalid MBR partition {p}")
+        if any(p.start < e and s < end for s, e in taken):
+            raise DemoBuildError(f"MBR partition {p} overlaps another")
+        taken.append((p.start, end))
+        status = 0x80 if p.bootable else 0x00
+        entries += _MBR_ENTRY.pack(status, chs_address(p.start), p.type, chs_address(end - 1), p.start, p.sectors)
+    sector = (
+        boot_code.ljust(MBR_BOOT_CODE_SIZE, b"\0")
+        + struct.pack("<IH", disk_id, 0)
+        + entries.ljust(4 * _MBR_ENTRY.size, b"\0")
+        + b"\x55\xaa"
+    )
+    assert len(sector) == SECTOR_SIZE
+    return sector
+
+
+def syslinux_config(label: str, kernel: str, initrd: str, append: str) -> str:
+    """A syslinux/isolinux/extlinux config that boots kernel + initrd with append, at once and unattended.
+
+    SERIAL (which must be the first directive) mirrors the boot loader's console on ttyS0, so a serial log
+    shows it loading the kernel. PROMPT 0 without a TIMEOUT boots the default without waiting; syslinux
+    appends "initrd=<initrd>" to the command line itself.
+    """
+    for value in (label, kernel, initrd, append):
+        if not value or "\n" in value or "\r" in value:
+            raise DemoBuildError(f"invalid syslinux config value {value!r}")
+    for value in (label, kernel, initrd):
+        if any(c.isspace() for c in value):
+            raise DemoBuildError(f"syslinux label or path with whitespace: {value!r}")
+    return (
+        "# Written by vmkit (vmkit/images/demo.py).\n"
+        "SERIAL 0 115200\n"
+        f"DEFAULT {label}\n"
+        "PROMPT 0\n"
+        f"LABEL {label}\n"
+        f"  LINUX {kernel}\n"
+        f"  INITRD {initrd}\n"
+        f"  APPEND {append}\n"
+    )
 
 
 def module_name(filename: str) -> str | None:
@@ -321,6 +482,7 @@ def cache_key(files: Mapping[str, bytes], binary_digests: Mapping[str, str]) -> 
 
     field("recipe", str(RECIPE_VERSION).encode())
     field("cmdline", CMDLINE.encode())
+    field("installer_cmdline", INSTALLER_CMDLINE.encode())
     field("modules", ",".join(BASE_MODULES).encode())
     for name in sorted(files):
         field("file:" + name, files[name])
@@ -402,8 +564,36 @@ _DEVICE_NODES = (
 
 def _demo_files() -> dict[str, bytes]:
     folder = resources.files(__package__ or "vmkit.images").joinpath("demo_files")
-    files = {name: folder.joinpath(name).read_bytes() for name in GUEST_FILES}
+    files = {name: folder.joinpath(name).read_bytes() for name in (*GUEST_FILES, *INSTALLER_FILES)}
     return files
+
+
+def _host_inputs() -> dict[str, Path]:
+    """Host files copied into the image (or whose code ends up in it): their digests are cache-key inputs.
+
+    Read at call time (not a module constant) so tests can point the paths elsewhere.
+    """
+    return {
+        "busybox": BUSYBOX,
+        "qemu-ga": QEMU_GA,
+        "syslinux": SYSLINUX,
+        "extlinux": EXTLINUX,
+        "mbr.bin": SYSLINUX_MBR,
+        "ldlinux.c32": LDLINUX_C32,
+        "isolinux.bin": ISOLINUX_BIN,
+        "isohdpfx.bin": ISOHYBRID_MBR,
+    }
+
+
+def _host_digests() -> dict[str, str]:
+    inputs = _host_inputs()
+    missing = sorted(str(path) for path in inputs.values() if not path.is_file())
+    if missing:
+        raise DemoBuildError(
+            f"missing host files: {', '.join(missing)} (Debian packages busybox-static, qemu-guest-agent, "
+            "syslinux, syslinux-common, extlinux, isolinux; scripts/install-deps.sh installs them)"
+        )
+    return {name: _sha256_file(path) for name, path in inputs.items()}
 
 
 def _sha256_file(path: Path) -> str:
@@ -506,8 +696,12 @@ def _install_module(src: Path, dest_dir: Path) -> None:
         raise DemoBuildError(f"cannot decompress kernel module {name}")
 
 
-def _install_modules(tree: Path, version: str, config_text: str, root: Path) -> list[str]:
-    """Copy the wanted modules and their dependencies into root and index them with depmod."""
+def _install_modules(tree: Path, version: str, roots: Sequence[str], root: Path) -> list[str]:
+    """Copy the modules roots and their dependencies into root and index them with depmod.
+
+    Returns the roots that are modules (not built in): the ones to modprobe. Callable again on the same
+    root to add modules; depmod then indexes all of them.
+    """
     src_dir = _find_modules_dir(tree, version)
     index: dict[str, Path] = {}
     for path in (src_dir / "kernel").rglob("*.ko*"):
@@ -526,9 +720,9 @@ def _install_modules(tree: Path, version: str, config_text: str, root: Path) -> 
     builtin: set[str | None] = set()
     if builtin_list.is_file():
         builtin = {module_name(Path(line).name) for line in builtin_list.read_text().split()}
-    wanted = [m for m in (*BASE_MODULES, *power_button_modules(config_text)) if m not in builtin]
+    wanted = [m for m in roots if m not in builtin]
     dest_root = root / "lib/modules" / version
-    dest_root.mkdir(parents=True)
+    dest_root.mkdir(parents=True, exist_ok=True)
     for name in module_closure(wanted, deps_of):
         src = index[name]
         dest_dir = dest_root / src.parent.relative_to(src_dir)
@@ -574,14 +768,18 @@ def _install_userland(root: Path, files: Mapping[str, bytes], modules: Sequence[
         _copy_host_file(lib, root, 0o755)
 
     # Our files last: they win over busybox applet links of the same name.
-    for name, (rel, mode) in GUEST_FILES.items():
+    _install_files(root, files, GUEST_FILES)
+    (root / "etc/vmkit-modules").write_text("".join(m + "\n" for m in modules))
+
+
+def _install_files(root: Path, files: Mapping[str, bytes], layout: Mapping[str, tuple[str, int]]) -> None:
+    for name, (rel, mode) in layout.items():
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_symlink():
             dest.unlink()
         dest.write_bytes(files[name])
         os.chmod(dest, mode)
-    (root / "etc/vmkit-modules").write_text("".join(m + "\n" for m in modules))
 
 
 def _pack_initramfs(root: Path, out: Path) -> None:
@@ -613,6 +811,100 @@ def _install_kernel(vmlinuz: Path, out: Path) -> dict[str, str]:
     return {"kernel_format": "bzimage", "pvh_fallback": fallback}
 
 
+def _build_boot_disk(
+    work: Path, vmlinuz: Path, initrd: Path, boot_cfg: str, disk_id: int, out: Path
+) -> dict[str, object]:
+    """boot.qcow2: MBR (syslinux mbr.bin) + one active FAT16 partition with syslinux, kernel, initrd, config.
+
+    Everything works on a plain image file: the partition table is written here, mkfs.vfat --offset
+    formats the partition inside the file, mtools copies files into it and syslinux's mtools installer
+    writes its boot sector and ldlinux.sys there. No loop device, no mount.
+    """
+    raw = work / "boot.raw"
+    part_sectors = BOOT_DISK_BYTES // SECTOR_SIZE - BOOT_PARTITION_START
+    partition = MbrPartition(BOOT_PARTITION_START, part_sectors, PARTITION_TYPE_FAT16_LBA, bootable=True)
+    with raw.open("wb") as f:
+        f.truncate(BOOT_DISK_BYTES)  # sparse; qemu-img convert leaves the unwritten zeros out of the qcow2
+        f.write(mbr_sector(SYSLINUX_MBR.read_bytes(), [partition], disk_id))
+    # -h (hidden sectors) = the partition's offset: syslinux's boot sector uses it to find ldlinux.sys.
+    proc.run(
+        [
+            "mkfs.vfat", "-F", "16", "-n", FAT_LABEL, "-i", f"{disk_id:08x}",
+            "--offset", str(BOOT_PARTITION_START), "-h", str(BOOT_PARTITION_START),
+            raw, str(part_sectors * SECTOR_SIZE // 1024),
+        ]
+    )  # fmt: skip
+    staged = work / "bootfs"
+    staged.mkdir()
+    shutil.copyfile(vmlinuz, staged / VMLINUZ)
+    shutil.copyfile(initrd, staged / INITRD)
+    (staged / "syslinux.cfg").write_text(boot_cfg)
+    offset = BOOT_PARTITION_START * SECTOR_SIZE
+    image_at = f"{raw}@@{offset}"  # mtools' "file@@byte-offset" names a filesystem inside an image
+    proc.run(["mcopy", "-i", image_at, *sorted(staged.iterdir()), "::/"], env=MTOOLS_ENV)
+    proc.run([SYSLINUX, "--install", "--offset", str(offset), raw], env=MTOOLS_ENV)
+    proc.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, out])
+    raw.unlink()
+    return {
+        "size": BOOT_DISK_BYTES,
+        "partition_start_sector": BOOT_PARTITION_START,
+        "partition_sectors": part_sectors,
+        "filesystem": "vfat (FAT16)",
+        "boot_loader": "syslinux",
+    }
+
+
+def _add_installer(
+    root: Path,
+    tree: Path,
+    version: str,
+    config_text: str,
+    files: Mapping[str, bytes],
+    payload: Mapping[str, Path | bytes],
+) -> list[str]:
+    """Turn the packed demo root into the installer's: FAT drivers, extlinux, the script, the payload.
+
+    Returns the extra modules the install script loads.
+    """
+    modules = _install_modules(tree, version, fat_modules(config_text), root)
+    (root / "etc/vmkit-install-modules").write_text("".join(m + "\n" for m in modules))
+    _copy_host_file(EXTLINUX, root, 0o755)
+    for lib in parse_ldd(proc.run(["ldd", EXTLINUX]).stdout):
+        _copy_host_file(lib, root, 0o755)
+    _install_files(root, files, INSTALLER_FILES)
+    dest = root / INSTALL_PAYLOAD
+    dest.mkdir(parents=True)
+    for name, content in payload.items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, dest / name)
+        else:
+            (dest / name).write_bytes(content)
+        os.chmod(dest / name, 0o644)
+    return modules
+
+
+def _build_installer_iso(work: Path, vmlinuz: Path, install_initrd: Path, out: Path) -> None:
+    """installer.iso: isolinux (El Torito, no emulation; isohybrid so it boots as a disk too)."""
+    iso = work / "iso"
+    (iso / "isolinux").mkdir(parents=True)
+    # Copies, not links: xorriso writes the boot info table into isolinux.bin.
+    shutil.copyfile(ISOLINUX_BIN, iso / "isolinux/isolinux.bin")
+    shutil.copyfile(LDLINUX_C32, iso / "isolinux/ldlinux.c32")  # isolinux >= 5 loads its core from it
+    (iso / "isolinux/isolinux.cfg").write_text(syslinux_config("install", "/vmlinuz", "/install.gz", INSTALLER_CMDLINE))
+    shutil.copyfile(vmlinuz, iso / VMLINUZ)
+    os.replace(install_initrd, iso / "install.gz")
+    proc.run(
+        [
+            "xorriso", "-as", "mkisofs", "-quiet", "-o", out, "-V", "VMKIT_DEMO_INSTALL", "-R",
+            "-isohybrid-mbr", ISOHYBRID_MBR,
+            "-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat",
+            "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table",
+            iso,
+        ],
+        timeout_s=600,
+    )  # fmt: skip
+
+
 def _image_from_dir(path: Path, version: str) -> DemoImage:
     # A finished image holds exactly one of the two kernels.
     kernel = path / VMLINUX
@@ -620,15 +912,17 @@ def _image_from_dir(path: Path, version: str) -> DemoImage:
         kernel = path / VMLINUZ
     return DemoImage(
         kernel=kernel,
-        initrd=path / "initrd.gz",
-        disk=path / "disk.qcow2",
+        initrd=path / INITRD,
+        disk=path / DATA_DISK,
         cmdline=CMDLINE,
         kernel_version=version,
+        boot_disk=path / BOOT_DISK,
+        installer_iso=path / INSTALLER_ISO,
     )
 
 
 def _is_complete(image: DemoImage) -> bool:
-    return image.kernel.is_file() and image.initrd.is_file() and image.disk.is_file()
+    return all(p.is_file() for p in (image.kernel, image.initrd, image.disk, image.boot_disk, image.installer_iso))
 
 
 def _build(cache_dir: Path, version: str, key: str, files: Mapping[str, bytes], final: Path, report: Progress) -> None:
@@ -648,24 +942,46 @@ def _build(cache_dir: Path, version: str, key: str, files: Mapping[str, bytes], 
         if not vmlinuz.is_file() or not config.is_file():
             raise DemoBuildError(f"{deb.name} has no boot/vmlinuz-{version} or boot/config-{version}")
 
-        report(0.55, "collecting kernel modules")
+        report(0.40, "collecting kernel modules")
+        config_text = config.read_text()
         root = work / "root"
         root.mkdir()
-        modules = _install_modules(tree, version, config.read_text(), root)
+        modules = _install_modules(tree, version, [*BASE_MODULES, *power_button_modules(config_text)], root)
 
-        report(0.65, "installing busybox and qemu-ga")
+        report(0.45, "installing busybox and qemu-ga")
         _install_userland(root, files, modules)
 
-        report(0.75, "packing initramfs")
+        report(0.50, "packing initramfs")
         out = work / "out"
         out.mkdir()
-        _pack_initramfs(root, out / "initrd.gz")
+        _pack_initramfs(root, out / INITRD)
 
-        report(0.85, "extracting the uncompressed kernel")
+        report(0.60, "extracting the uncompressed kernel")
         kernel_meta = _install_kernel(vmlinuz, out)
 
-        report(0.95, "creating base disk")
-        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", out / "disk.qcow2", DISK_SIZE])
+        report(0.65, "creating base disk")
+        proc.run(["qemu-img", "create", "-q", "-f", "qcow2", out / DATA_DISK, DISK_SIZE])
+
+        report(0.70, "creating the bootable disk")
+        # The installed disk gets the very same boot files and config as boot.qcow2.
+        boot_cfg = syslinux_config("demo", "/" + VMLINUZ, "/" + INITRD, CMDLINE)
+        disk_id = int(key[:8], 16)  # the MBR disk signature: stable per recipe
+        boot_meta = _build_boot_disk(work, vmlinuz, out / INITRD, boot_cfg, disk_id, out / BOOT_DISK)
+
+        report(0.80, "packing the installer initramfs")
+        # The demo initramfs is packed already, so the installer's additions do not reach it.
+        payload: dict[str, Path | bytes] = {
+            VMLINUZ: vmlinuz,
+            INITRD: out / INITRD,
+            "syslinux.cfg": boot_cfg.encode(),
+            "mbr.bin": SYSLINUX_MBR.read_bytes(),
+        }
+        install_modules = _add_installer(root, tree, version, config_text, files, payload)
+        install_initrd = work / "install.gz"
+        _pack_initramfs(root, install_initrd)
+
+        report(0.90, "creating the installer ISO")
+        _build_installer_iso(work, vmlinuz, install_initrd, out / INSTALLER_ISO)
         meta = {
             "kernel_version": version,
             "cmdline": CMDLINE,
@@ -674,6 +990,11 @@ def _build(cache_dir: Path, version: str, key: str, files: Mapping[str, bytes], 
             "modules": modules,
             "recipe": RECIPE_VERSION,
             **kernel_meta,
+            "boot_disk": BOOT_DISK,
+            "boot_disk_layout": boot_meta,
+            "installer_iso": INSTALLER_ISO,
+            "installer_cmdline": INSTALLER_CMDLINE,
+            "installer_modules": install_modules,
         }
         (out / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(out, 0o755)  # mkdtemp-style 0700 would hide the image from a QEMU running as another user
@@ -701,7 +1022,7 @@ def build_demo(cache_dir: Path, *, progress: Callable[[float, str], None] | None
     cache_dir = Path(cache_dir).absolute()
     cache_dir.mkdir(parents=True, exist_ok=True)
     files = _demo_files()
-    key = cache_key(files, {"busybox": _sha256_file(BUSYBOX), "qemu-ga": _sha256_file(QEMU_GA)})
+    key = cache_key(files, _host_digests())
     version = resolve_kernel_version(cache_dir)
     final = cache_dir / f"demo-{version}-{key[:16]}"
     image = _image_from_dir(final, version)

@@ -6,14 +6,15 @@ Both reject unknown fields so a typo is an error, not a silently ignored option.
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-_NAME_RE = re.compile(NAME_PATTERN)
+from vmkit.model.names import NAME_PATTERN, check_name, valid_name
+from vmkit.model.storage import IMAGE_REF_PATTERN, VOLUME_KEY_PATTERN, DiskFormat, Prealloc, SizeBytes, split_volume
+
+__all__ = ["NAME_PATTERN", "check_name", "valid_name"]  # the name rule, re-exported for older imports
 
 # Hard bounds independent of the host; the service also checks against the host's own size.
 MEMORY_MIB_MIN = 16
@@ -37,19 +38,6 @@ Iops = Annotated[int, Field(ge=1, le=IOPS_MAX, description="I/O operations per s
 Bps = Annotated[int, Field(ge=1, le=BPS_MAX, description="bytes per second, reads and writes together")]
 
 
-def valid_name(name: str) -> bool:
-    return _NAME_RE.fullmatch(name) is not None  # fullmatch: "$" alone would accept a trailing newline
-
-
-def check_name(name: str, what: str = "VM") -> str:
-    """Return name if it is a valid resource name, else raise ValueError with a message for people."""
-    if not valid_name(name):
-        raise ValueError(
-            f"invalid {what} name {name!r}: use 1-63 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
-        )
-    return name
-
-
 class VmState(StrEnum):
     """The state words virsh uses, so habits carry over."""
 
@@ -70,15 +58,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DISK_NAME_PATTERN = r"^disk[0-9]{1,3}$"
+CDROM_NAME_PATTERN = r"^cd[0-9]$"
+MAX_DISKS = 64
+MAX_CDROMS = 4  # q35's AHCI ports left after none are used for disks
+
+
 class DiskSpec(_Strict):
+    # The QEMU node name (disk0, disk1, …): stable for the disk's life, so detaching one never renames
+    # the others. Specs written before names existed get disk{i} in list order (see VmSpec).
+    name: str = ""
     path: str
     format: Literal["raw", "qcow2"]
-    # Set when vmkit made the file for this VM (deleted with the VM unless --keep-disks).
+    # Set when vmkit made the volume for this VM (deleted with the VM unless --keep-disks).
     owned: bool = True
     backing_image: str | None = None
+    # POOL/NAME of the volume holding the file; None only for specs from before pools, until taken over.
+    volume: str | None = None
+    readonly: bool = False
     # I/O limits through QEMU's throttle groups (one group per disk); None is unlimited.
     iops_total: int | None = None
     bps_total: int | None = None
+
+
+class CdromSpec(_Strict):
+    """A CD-ROM drive (IDE/AHCI, read-only). path None is an empty tray."""
+
+    name: str  # cd0, cd1, …
+    path: str | None = None
+    volume: str | None = None  # POOL/NAME when the medium is a volume, else a file given by path
 
 
 class NicSpec(_Strict):
@@ -98,11 +106,27 @@ class VmSpec(_Strict):
     initrd: str | None = None
     cmdline: str | None = None
     disks: list[DiskSpec] = Field(default_factory=list)
+    cdroms: list[CdromSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     # Limits on the whole QEMU (its cgroup); None is the host's default.
     cpu_weight: int | None = None
     cpu_max_percent: int | None = None
     memory_max_mib: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _disk_names(cls, data: object) -> object:
+        """Specs stored before disks had names: name them by position, as QEMU knew them then."""
+        if isinstance(data, dict) and isinstance(data.get("disks"), list):
+            disks = [
+                {**d, "name": f"disk{i}"} if isinstance(d, dict) and not d.get("name") else d
+                for i, d in enumerate(data["disks"])
+            ]
+            data = {**data, "disks": disks}
+        return data
+
+    def disk(self, name: str) -> DiskSpec | None:
+        return next((d for d in self.disks if d.name == name), None)
 
 
 class Limits(_Strict):
@@ -119,14 +143,9 @@ class Limits(_Strict):
 class DiskLimits(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    name: Annotated[str, Field(pattern=r"^disk[0-9]{1,3}$", description="the disk's node name: disk0, disk1, …")]
+    name: Annotated[str, Field(pattern=DISK_NAME_PATTERN, description="the disk's node name: disk0, disk1, …")]
     iops_total: Iops | None = None
     bps_total: Bps | None = None
-
-    @property
-    def index(self) -> int:
-        """Position in the VM's disk list (the pattern guarantees the digits)."""
-        return int(self.name.removeprefix("disk"))
 
 
 class SetVm(Limits):
@@ -139,6 +158,80 @@ class SetVm(Limits):
 _ABS_PATH_PATTERN = r"^/[^\x00]*$"
 
 
+def _check_volume_key(v: str | None) -> str | None:
+    if v is not None:
+        split_volume(v)
+    return v
+
+
+class DiskRequest(_Strict):
+    """One disk of a new VM: a new volume of size_bytes (in `pool`), or an existing volume."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    size_bytes: SizeBytes | None = None
+    volume: Annotated[
+        str | None,
+        Field(description="POOL/NAME of an existing volume", json_schema_extra={"pattern": VOLUME_KEY_PATTERN}),
+    ] = None
+    pool: Annotated[str | None, Field(json_schema_extra={"pattern": NAME_PATTERN})] = None
+    format: DiskFormat = "qcow2"
+    prealloc: Prealloc = "off"
+    iops_total: Iops | None = None
+    bps_total: Bps | None = None
+
+    @field_validator("volume")
+    @classmethod
+    def _volume(cls, v: str | None) -> str | None:
+        return _check_volume_key(v)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "pool")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DiskRequest:
+        if (self.size_bytes is None) == (self.volume is None):
+            raise ValueError("give either size_bytes (a new volume) or volume (an existing one)")
+        if self.volume is not None and self.pool is not None:
+            raise ValueError("pool is only for a new volume; an existing one is named POOL/NAME")
+        return self
+
+
+class AttachDisk(_Strict):
+    """Body of POST /v1/vms/{name}/disks: attach an existing volume (live when the VM runs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    volume: Annotated[str, Field(description="POOL/NAME", json_schema_extra={"pattern": VOLUME_KEY_PATTERN})]
+    readonly: bool = False
+
+    @field_validator("volume")
+    @classmethod
+    def _volume(cls, v: str) -> str:
+        split_volume(v)
+        return v
+
+
+class ChangeMedia(_Strict):
+    """Body of POST /v1/vms/{name}/media: insert a medium (a volume or a file), or eject with source null."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    drive: Annotated[str, Field(pattern=CDROM_NAME_PATTERN)] = "cd0"
+    source: Annotated[str | None, Field(max_length=4096, description="POOL/NAME or an absolute path; null ejects")] = (
+        None
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        return _check_volume_key(v) if "/" in v else check_name(v, "image")
+
+
 class CreateVm(_Strict):
     """Request body of POST /v1/vms. Strict: `true` is not a vCPU count, "512" is not a size."""
 
@@ -148,11 +241,22 @@ class CreateVm(_Strict):
     name: Annotated[str, Field(description="VM name", json_schema_extra={"pattern": NAME_PATTERN})]
     memory_mib: Annotated[int, Field(ge=MEMORY_MIB_MIN, le=MEMORY_MIB_MAX)] = 512
     vcpus: Annotated[int, Field(ge=1, le=VCPUS_MAX)] = 1
-    image: Annotated[str | None, Field(json_schema_extra={"pattern": NAME_PATTERN})] = None
+    image: Annotated[
+        str | None,
+        Field(
+            description="an image name (demo) or POOL/NAME of a disk image",
+            json_schema_extra={"pattern": IMAGE_REF_PATTERN},
+        ),
+    ] = None
     kernel: Annotated[str | None, Field(json_schema_extra={"pattern": _ABS_PATH_PATTERN})] = None
     initrd: Annotated[str | None, Field(json_schema_extra={"pattern": _ABS_PATH_PATTERN})] = None
     cmdline: Annotated[str | None, Field(max_length=4096, json_schema_extra={"pattern": r"^[^\x00\n]*$"})] = None
     disk_size_bytes: Annotated[int | None, Field(gt=0, le=64 * 1024**4)] = None
+    # Install media: POOL/NAME of an ISO volume, or an install-media image's name; read-only, booted first.
+    iso: Annotated[str | None, Field(max_length=200, json_schema_extra={"pattern": IMAGE_REF_PATTERN})] = None
+    # With image POOL/NAME: an overlay on it (linked, the default) or a full copy.
+    image_copy: bool = False
+    disks: Annotated[list[DiskRequest], Field(max_length=MAX_DISKS)] = Field(default_factory=list)
     nic: bool = True
     autostart: bool = False
     cpu_weight: CpuWeight | None = None
@@ -169,7 +273,19 @@ class CreateVm(_Strict):
     @field_validator("image")
     @classmethod
     def _image(cls, v: str | None) -> str | None:
-        return v if v is None else check_name(v, "image")
+        # An image's name (demo), or POOL/NAME of a disk image volume.
+        if v is None:
+            return v
+        return _check_volume_key(v) if "/" in v else check_name(v, "image")
+
+    @field_validator("iso")
+    @classmethod
+    def _iso(cls, v: str | None) -> str | None:
+        # POOL/NAME of a volume, or the name of an install-media image (demo-installer). A file elsewhere on
+        # the host is uploaded into a pool by the client first: the daemon never opens a path a client names.
+        if v is None:
+            return v
+        return _check_volume_key(v) if "/" in v else check_name(v, "image")
 
     @field_validator("kernel", "initrd")
     @classmethod
@@ -192,10 +308,20 @@ class LiveIoLimits(BaseModel):
     group: str | None = None
 
 
-class DiskInfo(DiskSpec):
-    """A disk as GET /v1/vms/{name}/disks shows it."""
+class DiskInfo(BaseModel):
+    """A drive as GET /v1/vms/{name}/disks shows it, like `virsh domblklist --details`."""
 
-    name: str
+    name: str  # disk0, cd0, …: the QEMU node name
+    device: Literal["disk", "cdrom"]
+    path: str | None = None  # None: an empty CD-ROM tray
+    volume: str | None = None
+    format: str | None = None
+    provisioning: str | None = None
+    backing: str | None = None  # the image below (POOL/NAME, else its path)
+    readonly: bool = False
+    owned: bool = False
+    iops_total: int | None = None
+    bps_total: int | None = None
     live: LiveIoLimits | None = None
 
 
@@ -213,6 +339,7 @@ class VmInfo(BaseModel):
     pid: int | None = None
     agent: bool = False
     disks: list[DiskSpec] = Field(default_factory=list)
+    cdroms: list[CdromSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     kernel: str | None = None
     initrd: str | None = None

@@ -7,6 +7,12 @@ Invariants the rest of vmkit relies on:
   state `shutdown` when it re-attaches, so a clean power-off is never mistaken for a crash.
 - Every image has an explicit format (QEMU never probes) and a node name (snapshots and mirrors need them).
 - Every value placed inside a comma-separated option string goes through `opt()`.
+- A disk's node name is its `DiskSpec.name` (disk0, disk2, …: stable, not its position), its device is
+  `{name}-dev`, and its virtio-blk-pci device sits on a PCIe root port of its own (`{name}-port`), as libvirt
+  does on q35, so any disk can be hot-unplugged; SPARE_PORTS empty ports (hp0, hp1, …) take hot-plugged
+  disks. The option dicts of one disk come from `disk_blockdevs`/`disk_device`, shared with the hotplug code
+  (vmkit/qemu/hotplug.py), which gives QEMU the same nodes over QMP.
+- CD-ROMs are ide-cd devices (`{name}-dev`) on q35's built-in AHCI; an empty tray has no drive.
 - QEMU opens no path of vmkit's: it runs unprivileged and is handed open file descriptors (`HandOver`) for
   its QMP, serial and agent sockets, its serial log, kernel, initrd and every image of every disk's backing
   chain (`-add-fd` + `/dev/fdset/N`, with the chain spelled out so no header's backing path is followed).
@@ -14,13 +20,39 @@ Invariants the rest of vmkit relies on:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from vmkit.model.vm import VmSpec
+from vmkit.model.vm import DiskSpec, VmSpec
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 AGENT_PORT = "org.qemu.guest_agent.0"
+
+# Empty PCIe root ports a VM starts with, for disks hot-plugged while it runs (a port cannot itself be
+# hot-plugged on q35). A cold disk's own port is free again once that disk is detached.
+SPARE_PORTS = 4
+# Root ports are multifunction devices at explicit addresses, 8 per slot from PORT_SLOT0 on (as libvirt
+# places them): 64 disks would not fit one slot each on pcie.0. Slots below PORT_SLOT0 are left to the devices
+# QEMU places itself (virtio-serial, VGA, NICs), so a NIC's address does not depend on the number of disks.
+PORT_SLOT0 = 0x10
+PORT_SLOT_END = 0x1F  # q35's ICH9 LPC/SATA/SMBus functions
+AHCI_PORTS = 6  # q35's built-in AHCI controller: buses ide.0 … ide.5
+
+
+def device_id(node: str) -> str:
+    """qdev id of the device of disk or CD-ROM drive `node` (disk0 → disk0-dev)."""
+    return f"{node}-dev"
+
+
+def port_id(node: str) -> str:
+    """id of the root port a disk present at start sits on."""
+    return f"{node}-port"
+
+
+def spare_port_id(i: int) -> str:
+    return f"hp{i}"
 
 
 def opt(value: str) -> str:
@@ -28,6 +60,98 @@ def opt(value: str) -> str:
     if "\0" in value or "\n" in value:
         raise ValueError(f"value not allowed in a QEMU option: {value!r}")
     return value.replace(",", ",,")
+
+
+def _flatten(prefix: str, options: Mapping[str, Any]) -> list[str]:
+    parts = []
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            parts += _flatten(f"{prefix}{key}.", value)
+        elif isinstance(value, bool):
+            parts.append(f"{prefix}{key}={'on' if value else 'off'}")
+        else:
+            parts.append(f"{prefix}{key}={opt(str(value))}")
+    return parts
+
+
+def qemu_opts(options: Mapping[str, Any]) -> str:
+    """QMP-style arguments (as for blockdev-add) as a command-line option string: nested dicts become dotted
+    keys (cache.direct=off), booleans on/off, every value escaped."""
+    return ",".join(_flatten("", options))
+
+
+def device_opts(options: Mapping[str, Any]) -> str:
+    """device_add arguments as a -device string: the driver first, as QEMU's own help writes it."""
+    rest = {k: v for k, v in options.items() if k != "driver"}
+    return ",".join([opt(str(options["driver"])), *_flatten("", rest)])
+
+
+def disk_blockdevs(disk: DiskSpec, top: str, backing: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+    """The blockdev-add arguments of one disk, bottom of the backing chain first (each image names the node
+    below it as its backing, so QEMU never follows a header's backing path).
+
+    top is the filename QEMU opens the disk's own image by (/dev/fdset/N), backing the (filename, format) of
+    each image below it, nearest first. Node names: `{name}` (format) and `{name}-file`; backing images
+    `{name}-b1`, `{name}-b2`, … from the nearest. Images below the disk, and a read-only disk itself, are opened
+    read-only (their descriptors must be too: QEMU picks an fdset's descriptor by access mode)."""
+    node = disk.name
+    if not node:
+        raise ValueError("a disk needs its node name")
+    blockdevs: list[dict[str, Any]] = []
+    below: dict[str, str] = {}
+    for j, (filename, fmt) in reversed(list(enumerate(backing, start=1))):
+        bnode = f"{node}-b{j}"
+        blockdevs += [
+            {"driver": "file", "filename": filename, "node-name": f"{bnode}-file", "read-only": True,
+             "cache": {"direct": False}},
+            {"driver": fmt, "file": f"{bnode}-file", "node-name": bnode, "read-only": True, **below},
+        ]  # fmt: skip
+        below = {"backing": bnode}
+    if disk.readonly:
+        blockdevs += [
+            {"driver": "file", "filename": top, "node-name": f"{node}-file", "read-only": True,
+             "cache": {"direct": False}},
+            {"driver": disk.format, "file": f"{node}-file", "node-name": node, "read-only": True, **below},
+        ]  # fmt: skip
+    else:
+        blockdevs += [
+            {"driver": "file", "filename": top, "node-name": f"{node}-file", "cache": {"direct": False},
+             "discard": "unmap"},
+            {"driver": disk.format, "file": f"{node}-file", "node-name": node, "discard": "unmap", **below},
+        ]  # fmt: skip
+    return blockdevs
+
+
+def disk_device(node: str, bus: str, bootindex: int | None = None) -> dict[str, Any]:
+    """device_add arguments of a disk's virtio-blk-pci device on root port `bus`."""
+    dev: dict[str, Any] = {"driver": "virtio-blk-pci", "drive": node, "id": device_id(node), "bus": bus}
+    if bootindex is not None:
+        dev["bootindex"] = bootindex
+    return dev
+
+
+def cdrom_blockdevs(node: str, filename: str) -> list[dict[str, Any]]:
+    """The blockdev-add arguments of a CD-ROM medium: a read-only raw image (an ISO is never probed)."""
+    return [
+        {"driver": "file", "filename": filename, "node-name": f"{node}-file", "read-only": True},
+        {"driver": "raw", "file": f"{node}-file", "node-name": node, "read-only": True},
+    ]
+
+
+def root_ports(ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The pcie-root-port devices with these ids, in order: 8 functions per slot from PORT_SLOT0 on,
+    chassis numbers from 1 and port numbers from 0x10 (libvirt's scheme), all unique."""
+    if len(ids) > (PORT_SLOT_END - PORT_SLOT0) * 8:
+        raise ValueError(f"too many PCIe root ports ({len(ids)}): too many disks")
+    ports = []
+    for k, ident in enumerate(ids):
+        slot, fn = divmod(k, 8)
+        port: dict[str, Any] = {"driver": "pcie-root-port", "id": ident, "bus": "pcie.0", "chassis": k + 1,
+                                "port": 0x10 + k, "addr": f"{PORT_SLOT0 + slot:#x}.{fn:#x}"}  # fmt: skip
+        if fn == 0:
+            port["multifunction"] = True
+        ports.append(port)
+    return ports
 
 
 @dataclass(frozen=True)
@@ -74,7 +198,7 @@ class RuntimePaths:
 
 @dataclass(frozen=True)
 class DiskFds:
-    fd: int  # the VM's own image, read-write
+    fd: int  # the disk's own image: read-write, or read-only for a read-only disk
     backing: tuple[tuple[int, str], ...] = ()  # (read-only fd, format) of each image below it, nearest first
 
 
@@ -88,13 +212,15 @@ class HandOver:
     serial_log: int  # write-only, appending
     kernel: int | None = None
     initrd: int | None = None
-    disks: tuple[DiskFds, ...] = ()
+    disks: tuple[DiskFds, ...] = ()  # one per disk, in the order of spec.disks
+    cdroms: tuple[int | None, ...] = ()  # read-only medium per CD-ROM; None: an empty tray
 
     def all(self) -> list[int]:
         fds = [self.qmp, self.serial, self.qga, self.serial_log]
         fds += [fd for fd in (self.kernel, self.initrd) if fd is not None]
         for d in self.disks:
             fds += [d.fd, *(fd for fd, _ in d.backing)]
+        fds += [fd for fd in self.cdroms if fd is not None]
         return fds
 
 
@@ -110,6 +236,8 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver
     listening, so the daemon can connect the instant QEMU is spawned, without polling for it."""
     if len(fds.disks) != len(spec.disks):
         raise ValueError("one DiskFds per disk")
+    if len(fds.cdroms) != len(spec.cdroms):
+        raise ValueError("one descriptor (or None for an empty tray) per CD-ROM")
     fdsets: list[str] = []
 
     def fdset(fd: int, label: str) -> str:
@@ -159,24 +287,32 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver
             argv += ["-initrd", f"/proc/self/fd/{fds.initrd}"]
         if spec.cmdline:
             argv += ["-append", spec.cmdline]
+    for cd, cfd in zip(spec.cdroms, fds.cdroms, strict=True):
+        if (cd.path is None) != (cfd is None):
+            raise ValueError(f"CD-ROM {cd.name}: a medium needs its fd, an empty tray has none")
+    ports = [port_id(d.name) for d in spec.disks] + [spare_port_id(i) for i in range(SPARE_PORTS)]
+    for port in root_ports(ports):
+        argv += ["-device", device_opts(port)]
     for i, (disk, dfds) in enumerate(zip(spec.disks, fds.disks, strict=True)):
-        node = f"disk{i}"
-        # Bottom of the chain first, so each image names the node below it as its backing.
-        backing = ""
-        for j, (fd, fmt) in reversed(list(enumerate(dfds.backing, start=1))):
-            bnode = f"{node}-b{j}"
-            argv += [
-                "-blockdev",
-                f"driver=file,filename={fdset(fd, bnode)},node-name={bnode}-file,read-only=on,cache.direct=off",
-                "-blockdev", f"driver={fmt},file={bnode}-file,node-name={bnode},read-only=on{backing}",
-            ]  # fmt: skip
-            backing = f",backing={bnode}"
-        argv += [
-            "-blockdev",
-            f"driver=file,filename={fdset(dfds.fd, node)},node-name={node}-file,cache.direct=off,discard=unmap",
-            "-blockdev", f"driver={disk.format},file={node}-file,node-name={node},discard=unmap{backing}",
-            "-device", f"virtio-blk-pci,drive={node},id={node}-dev" + (",bootindex=1" if i == 0 else ""),
-        ]  # fmt: skip
+        node = disk.name
+        # fdsets bottom of the chain first, like the nodes; each labelled with the node that opens it.
+        bottom_up = [(fdset(fd, f"{node}-b{j}"), fmt) for j, (fd, fmt) in reversed(list(enumerate(dfds.backing, 1)))]
+        top = fdset(dfds.fd, node)
+        for bd in disk_blockdevs(disk, top, bottom_up[::-1]):
+            argv += ["-blockdev", qemu_opts(bd)]
+        # With a CD-ROM, it boots first (install media; an empty tray falls through to the disk).
+        bootindex = (2 if spec.cdroms else 1) if i == 0 else None
+        argv += ["-device", device_opts(disk_device(node, port_id(node), bootindex))]
+    for k, (cd, cfd) in enumerate(zip(spec.cdroms, fds.cdroms, strict=True)):
+        bus = _ahci_port(cd.name)
+        dev: dict[str, Any] = {"driver": "ide-cd", "bus": f"ide.{bus}", "id": device_id(cd.name)}
+        if cfd is not None:
+            for bd in cdrom_blockdevs(cd.name, fdset(cfd, cd.name)):
+                argv += ["-blockdev", qemu_opts(bd)]
+            dev["drive"] = cd.name
+        if k == 0:
+            dev["bootindex"] = 1
+        argv += ["-device", device_opts(dev)]
     for i, nic in enumerate(spec.nics):
         argv += [
             "-netdev", f"user,id=net{i},restrict=on",
@@ -184,3 +320,11 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver
         ]  # fmt: skip
     # -add-fd comes first so every /dev/fdset/N above exists when QEMU opens it.
     return [argv[0], *fdsets, *argv[1:]]
+
+
+def _ahci_port(name: str) -> int:
+    """The AHCI port of CD-ROM drive `name` (cd0 → ide.0): by its name, so it stays put when another goes."""
+    digits = name.removeprefix("cd")
+    if not digits.isdigit() or int(digits) >= AHCI_PORTS:
+        raise ValueError(f"CD-ROM {name!r}: q35's AHCI has ports for cd0 … cd{AHCI_PORTS - 1} only")
+    return int(digits)

@@ -1,7 +1,9 @@
 """The one QMP monitor: a thin typed layer over qemu.qmp (QEMU's own client library).
 
 Each QMP command is a short method. Events are delivered to one callback, apart from replies: QEMU may send
-SHUTDOWN before the reply to `quit`, and the caller must see both. All traffic is appended to a per-VM log.
+SHUTDOWN before the reply to `quit`, and the caller must see both. A caller may also await one event
+(`expect_event`, e.g. DEVICE_DELETED after device_del): waiters see each event before the callback does.
+All traffic is appended to a per-VM log.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,24 @@ EV_SUSPEND = "SUSPEND"
 EV_WAKEUP = "WAKEUP"
 EV_GUEST_PANICKED = "GUEST_PANICKED"
 EV_VSERPORT_CHANGE = "VSERPORT_CHANGE"
+EV_DEVICE_DELETED = "DEVICE_DELETED"  # data: device (its id, when it has one) and path (QOM path)
+EV_DEVICE_TRAY_MOVED = "DEVICE_TRAY_MOVED"
 
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None] | None]
+EventMatch = Callable[[dict[str, Any]], bool]
+
+
+class EventWaiter:
+    """One awaited event, registered before the command that causes it is sent (see Monitor.expect_event)."""
+
+    def __init__(self, name: str, match: EventMatch | None, future: asyncio.Future[dict[str, Any]]) -> None:
+        self.name = name
+        self.match = match
+        self.future = future
+
+    async def wait(self, timeout_s: float) -> dict[str, Any]:
+        """The event's data; TimeoutError when it has not come within timeout_s."""
+        return await asyncio.wait_for(asyncio.shield(self.future), timeout_s)
 
 
 class _LoggingClient(QMPClient):
@@ -66,6 +84,7 @@ class Monitor:
         # QEMU keeps only the last descriptor received until a `getfd` names it: one hand-over at a time.
         self._fd_lock = asyncio.Lock()
         self._fd_names = itertools.count()
+        self._waiters: list[EventWaiter] = []
 
     async def connect(self, sock: Path, on_event: EventHandler, *, timeout_s: float = 5.0) -> None:
         """Connect and negotiate capabilities, then start delivering events to on_event."""
@@ -74,12 +93,53 @@ class Monitor:
 
     async def _pump(self, on_event: EventHandler) -> None:
         async for event in self._client.events:
+            name = str(event["event"])
             data: dict[str, Any] = event.get("data", {})  # type: ignore[assignment]
-            result = on_event(str(event["event"]), dict(data))
+            self._deliver(name, dict(data))
+            result = on_event(name, dict(data))
             if result is not None:
                 await result
 
+    def _deliver(self, name: str, data: dict[str, Any]) -> None:
+        for w in list(self._waiters):
+            if w.name != name or w.future.done():
+                continue
+            try:
+                matched = w.match is None or w.match(data)
+            except Exception as e:  # a broken predicate fails its own waiter, not the event pump
+                w.future.set_exception(e)
+                continue
+            if matched:
+                w.future.set_result(data)
+
+    @contextlib.contextmanager
+    def expect_event(self, name: str, match: EventMatch | None = None) -> Iterator[EventWaiter]:
+        """Register for the next event `name` whose data satisfies match, for the duration of the block.
+        Register before sending the command that triggers it, so a quick event is never missed:
+
+            with mon.expect_event(EV_DEVICE_DELETED, lambda d: d.get("device") == "disk1-dev") as ev:
+                await mon.device_del("disk1-dev")
+                await ev.wait(30)
+        """
+        waiter = EventWaiter(name, match, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            yield waiter
+        finally:
+            self._waiters.remove(waiter)
+            if not waiter.future.done():
+                waiter.future.cancel()
+
+    async def wait_event(self, name: str, match: EventMatch | None = None, *, timeout_s: float) -> dict[str, Any]:
+        """Await the next matching event from now on (TimeoutError after timeout_s). To await the effect of a
+        command, use expect_event around it instead."""
+        with self.expect_event(name, match) as waiter:
+            return await waiter.wait(timeout_s)
+
     async def close(self) -> None:
+        for w in self._waiters:
+            if not w.future.done():
+                w.future.set_exception(ConnectionError("the QMP connection was closed"))
         if self._event_task:
             self._event_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -146,6 +206,68 @@ class Monitor:
                 with contextlib.suppress(Exception):
                     await self.execute("closefd", {"fdname": fdname}, timeout_s=timeout_s)
                 raise
+
+    # ----- hot-plug: descriptors, block nodes, devices, removable media ---------------------------------
+    async def add_fd(self, fd: int, *, opaque: str, timeout_s: float = 10.0) -> int:
+        """Pass fd to QEMU into a new fdset (opened later as /dev/fdset/N); returns N. opaque labels the
+        fdset in query-fdsets (vmkit writes the node name that opens it). QEMU keeps a duplicate."""
+        async with self._fd_lock:
+            await self._send_fd(fd)
+            ret = await self.execute("add-fd", {"opaque": opaque}, timeout_s=timeout_s)
+        return int(ret["fdset-id"])
+
+    async def remove_fd(self, fdset_id: int) -> None:
+        """Drop an fdset; QEMU closes its descriptors once no block node uses them any more."""
+        await self.execute("remove-fd", {"fdset-id": fdset_id})
+
+    async def query_fdsets(self) -> list[dict[str, Any]]:
+        """[{"fdset-id": N, "fds": [{"fd": M, "opaque": "disk1"}, …]}, …]"""
+        return list(await self.execute("query-fdsets"))
+
+    async def blockdev_add(self, args: dict[str, Any]) -> None:
+        await self.execute("blockdev-add", args)
+
+    async def blockdev_del(self, node: str) -> None:
+        await self.execute("blockdev-del", {"node-name": node})
+
+    async def query_named_block_nodes(self) -> list[dict[str, Any]]:
+        """Every named block node, each once (flat): the nodes behind each node are listed on their own."""
+        return list(await self.execute("query-named-block-nodes", {"flat": True}))
+
+    async def device_add(self, args: dict[str, Any]) -> None:
+        await self.execute("device_add", args)
+
+    async def device_del(self, qdev_id: str) -> None:
+        """Ask for the device's removal. For a PCIe device the guest must acknowledge first: QEMU answers at
+        once and sends DEVICE_DELETED when the device is gone (expect_event before calling this)."""
+        await self.execute("device_del", {"id": qdev_id})
+
+    async def query_pci(self) -> list[dict[str, Any]]:
+        """PCI buses as the guest numbered them (devices behind a bridge are listed once its bus has a number)."""
+        return list(await self.execute("query-pci"))
+
+    async def qom_list(self, path: str) -> list[dict[str, Any]]:
+        """The properties of a QOM object: [{"name": …, "type": "child<virtio-blk-pci>" | "link<…>" | …}]."""
+        return list(await self.execute("qom-list", {"path": path}))
+
+    async def qom_get(self, path: str, prop: str) -> Any:
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
+    async def blockdev_open_tray(self, qdev_id: str, *, force: bool = True) -> None:
+        """Open a drive's tray. force opens it even when the guest has locked it (otherwise QEMU only asks the
+        guest to eject)."""
+        await self.execute("blockdev-open-tray", {"id": qdev_id, "force": force})
+
+    async def blockdev_remove_medium(self, qdev_id: str) -> None:
+        """Take the medium out of an open tray (nothing to do for an empty one)."""
+        await self.execute("blockdev-remove-medium", {"id": qdev_id})
+
+    async def blockdev_insert_medium(self, qdev_id: str, node: str) -> None:
+        """Put node into the drive's open, empty tray."""
+        await self.execute("blockdev-insert-medium", {"id": qdev_id, "node-name": node})
+
+    async def blockdev_close_tray(self, qdev_id: str) -> None:
+        await self.execute("blockdev-close-tray", {"id": qdev_id})
 
     async def _send_fd(self, fd: int) -> None:
         """Pass fd by SCM_RIGHTS. send_fd_scm writes one byte straight to the socket, beside asyncio's buffer:

@@ -1,33 +1,38 @@
-"""Images VMs boot from. For now: the demo guest (kernel + initramfs + base disk) built from Debian packages.
+"""Images VMs are made from. For now: the demo guest built from Debian packages, in three forms:
 
-A registered image's files are copied into the state dir, so removing the shared build cache never breaks
-a VM. Registration is the last step (after the files are complete), so a crash leaves at most a stray
-directory that the next build overwrites.
+- `demo`: kernel + initramfs (direct kernel boot) and an empty base disk VMs get an overlay of;
+- `demo-disk`: a BIOS-bootable disk image (partition table, syslinux, kernel, initramfs);
+- `demo-installer`: an installer ISO that installs the demo system onto a blank disk.
+
+Every file is a volume of pool `images` named after its build (kernel version + content hash), so removing the
+shared build cache never breaks a VM and a newer build never touches the volumes older VMs are backed by.
+Registration is the last step (after every volume is complete); a crash before it leaves only volumes the next
+build reuses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
 
-from vmkit.errors import NotFound
+from vmkit.errors import NotFound, VmkitError
+from vmkit.model.storage import IMAGES_POOL
 from vmkit.services.operations import Progress
+from vmkit.services.volumes import VolumeService
 from vmkit.store.db import Store
 
 DEMO = "demo"
+DEMO_DISK = "demo-disk"
+DEMO_INSTALLER = "demo-installer"
 
 
 class ImageService:
-    def __init__(self, *, store: Store, state_dir: Path, cache_dir: Path) -> None:
+    def __init__(self, *, store: Store, volumes: VolumeService, cache_dir: Path) -> None:
         self._store = store
-        self._dir = state_dir / "images"
+        self._volumes = volumes
         self._cache_dir = cache_dir
         self._lock = asyncio.Lock()
-        # A registration cut short by a crash leaves only a *.tmp copy; nothing refers to it.
-        for tmp in self._dir.glob("*/*.tmp"):
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def list(self) -> list[dict[str, Any]]:
         return [{"name": n, **d} for n, d in self._store.images().items()]
@@ -42,18 +47,25 @@ class ImageService:
         return self._store.image(name)
 
     def demo_ready(self) -> dict[str, Any] | None:
-        """The registered demo image if it was built by the current recipe and its files are all still there
-        (then no build is needed). A newer recipe registers a new image; VMs made from the old one keep it."""
+        """The registered demo image if it was built by the current recipe and all its volumes are still there
+        (then no build is needed). A newer recipe registers new volumes; VMs made from the old ones keep them."""
         from vmkit.images.demo import RECIPE_VERSION
 
         img = self._store.image(DEMO)
-        if (
-            img
-            and img.get("recipe") == RECIPE_VERSION
-            and all(Path(img[k]).is_file() for k in ("kernel", "initrd", "disk"))
-        ):
+        keys = ("kernel_volume", "initrd_volume", "disk_volume")
+        complete = img is not None and all(self._exists(img.get(k)) for k in keys)
+        others = all(self._store.image(n) for n in (DEMO_DISK, DEMO_INSTALLER))
+        if img and complete and others and img.get("recipe") == RECIPE_VERSION:
             return {"name": DEMO, **img}
         return None
+
+    def _exists(self, key: str | None) -> bool:
+        if not key:
+            return False
+        try:
+            return self._volumes.path(key).is_file() and self._volumes.row(key) is not None
+        except VmkitError:
+            return False
 
     async def build_demo(self, progress: Progress) -> dict[str, Any]:
         async with self._lock:
@@ -63,32 +75,38 @@ class ImageService:
             from vmkit.images.demo import RECIPE_VERSION, build_demo
 
             built = await asyncio.to_thread(build_demo, self._cache_dir, progress=progress)
-            progress(0.95, "registering image")
-            # Keyed by the build's cache dir name (kernel version + content hash): an old image stays intact
-            # for the VMs whose overlays use its disk as their backing file.
-            dest = self._dir / DEMO / built.disk.parent.name
-            await asyncio.to_thread(_copy_files, dest, [built.kernel, built.initrd, built.disk])
+            progress(0.9, "copying the image into pool images")
+            build = built.disk.parent.name  # demo-<kernel version>-<content hash>
+            volumes: dict[str, str] = {}
+            for field, src, fmt, mode in (
+                # Kernel and initrd stay world-readable, like the packages they come from: a VM's unprivileged
+                # QEMU then reopens them through its descriptor directly, instead of the daemon copying them
+                # into a memfd at each start.
+                ("kernel", built.kernel, "raw", 0o644),
+                ("initrd", built.initrd, "raw", 0o644),
+                ("disk", built.disk, "qcow2", 0o600),
+                ("boot_disk", built.boot_disk, "qcow2", 0o600),
+                ("installer", built.installer_iso, "iso", 0o600),
+            ):
+                info = await self._volumes.register_file(
+                    IMAGES_POOL, f"{build}-{src.name}", src, fmt=fmt, mode=mode, replace=True
+                )
+                volumes[field] = info.key
+            progress(0.98, "registering images")
             data = {
                 "kind": "kernel+initrd",
-                "kernel": str(dest / built.kernel.name),
-                "initrd": str(dest / built.initrd.name),
-                "disk": str(dest / built.disk.name),
+                "kernel": str(self._volumes.path(volumes["kernel"])),
+                "initrd": str(self._volumes.path(volumes["initrd"])),
+                "disk": str(self._volumes.path(volumes["disk"])),
+                "kernel_volume": volumes["kernel"],
+                "initrd_volume": volumes["initrd"],
+                "disk_volume": volumes["disk"],
                 "cmdline": built.cmdline,
                 "kernel_version": built.kernel_version,
                 "recipe": RECIPE_VERSION,
             }
-            self._store.put_image(DEMO, data)
+            common = {"kernel_version": built.kernel_version, "recipe": RECIPE_VERSION}
+            self._store.put_image(DEMO_DISK, {"kind": "disk", "disk_volume": volumes["boot_disk"], **common})
+            self._store.put_image(DEMO_INSTALLER, {"kind": "iso", "iso_volume": volumes["installer"], **common})
+            self._store.put_image(DEMO, data)  # last: demo_ready() looks at it first
             return {"name": DEMO, **data}
-
-
-def _copy_files(dest: Path, files: list[Path]) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True, mode=0o755)
-    for f in files:
-        shutil.copy2(f, tmp / f.name)
-        # Readable by anyone, like the packages they come from: a VM's unprivileged QEMU then reopens the
-        # kernel through its descriptor directly, instead of the daemon copying it into a memfd each start.
-        (tmp / f.name).chmod(0o644)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)

@@ -27,7 +27,8 @@ from typing import Any
 from vmkit.errors import Conflict, InvalidInput, NotFound, Timeout, VmkitError
 from vmkit.host import identity
 from vmkit.host.cgroups import Cgroups, VmCgroup
-from vmkit.model.vm import CreateVm, DiskSpec, NicSpec, SetVm, VmInfo, VmSpec, VmState
+from vmkit.model.storage import DEFAULT_POOL, CloneVolume, CreateVolume, provisioning
+from vmkit.model.vm import CdromSpec, CreateVm, DiskSpec, NicSpec, SetVm, VmInfo, VmSpec, VmState
 from vmkit.qemu import monitor as qmp
 from vmkit.qemu import process
 from vmkit.qemu.agent import Agent, ExecResult
@@ -36,8 +37,8 @@ from vmkit.qemu.handover import open_handover
 from vmkit.services import limits
 from vmkit.services.events import EventBus
 from vmkit.services.reverter import Reverter
+from vmkit.services.volumes import VolumeService
 from vmkit.store.db import Store
-from vmkit.util.proc import run
 from vmkit.util.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class VmRuntime:
             pid=self.proc.pid if self.proc and self.state.active else None,
             agent=self.agent,
             disks=s.disks,
+            cdroms=s.cdroms,
             nics=s.nics,
             kernel=s.kernel,
             initrd=s.initrd,
@@ -173,7 +175,9 @@ class VmService:
         image_lookup: Callable[[str], dict[str, Any] | None],
         id_range: identity.IdRange,
         cgroups: Cgroups,
+        volumes: VolumeService,
     ) -> None:
+        self._volumes = volumes
         self._ids = id_range
         self._cgroups = cgroups
         # /dev/kvm's group where KVM is used: QEMU's only supplementary group.
@@ -197,6 +201,15 @@ class VmService:
             return self._vms[name]
         except KeyError:
             raise NotFound(f"no VM named {name!r}") from None
+
+    def runtime(self, name: str) -> VmRuntime:
+        """One VM's in-memory record, for the services that change part of a VM (services/vmdisks.py); they
+        hold its lock while they do."""
+        return self._get(name)
+
+    def save_spec(self, vm: VmRuntime, spec: VmSpec) -> None:
+        vm.spec = spec
+        self._store.set_vm_spec(spec)
 
     def all(self) -> list[VmInfo]:
         return [vm.info() for vm in sorted(self._vms.values(), key=lambda v: v.spec.name)]
@@ -482,39 +495,30 @@ class VmService:
             cpus = os.cpu_count() or 1
             if req.vcpus > cpus:
                 raise InvalidInput(f"vcpus {req.vcpus} exceeds the host's {cpus} CPUs")
-            kernel, initrd, cmdline, base_disk = req.kernel, req.initrd, req.cmdline, None
-            if req.image is not None:
+            kernel, initrd, cmdline, base = req.kernel, req.initrd, req.cmdline, None
+            if req.image is not None and "/" in req.image:
+                base = self._volumes.row(req.image).key  # a disk image volume: 404 when there is none
+            elif req.image is not None:
                 img = self._image_lookup(req.image)
                 if img is None:
                     raise NotFound(f"no image named {req.image!r} (build the demo guest with `vmkit image demo`)")
                 kernel = kernel or img.get("kernel")
                 initrd = initrd or img.get("initrd")
                 cmdline = cmdline if cmdline is not None else img.get("cmdline")
-                base_disk = img.get("disk")
+                if img.get("kind") == "iso":
+                    raise InvalidInput(f"image {req.image!r} is install media: give it as --iso")
+                base = img.get("disk_volume") or (self._volumes.key_of_path(img["disk"]) if img.get("disk") else None)
             for label, path in (("kernel", kernel), ("initrd", initrd)):
                 if path is not None and not os.path.isfile(path):
                     raise InvalidInput(f"{label} {path} does not exist or is not a file")
             if initrd and not kernel:
                 raise InvalidInput("an initrd needs a kernel")
-            if (req.disk_iops_total or req.disk_bps_total) and not (base_disk or req.disk_size_bytes):
+            if (req.disk_iops_total or req.disk_bps_total) and not (base or req.disk_size_bytes):
                 raise InvalidInput("disk I/O limits need a disk (give --disk SIZE or --image)")
-            spec_disks: list[DiskSpec] = []
+            cdroms = [self.cdrom(req.iso)] if req.iso is not None else []
             paths = self.paths(req.name)
             with Reverter() as rev:
-                if base_disk or req.disk_size_bytes:
-                    paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                    rev.add(lambda: shutil.rmtree(paths.vm_dir, ignore_errors=True))
-                    disk = paths.vm_dir / "disk0.qcow2"
-                    await asyncio.to_thread(_create_disk, disk, base_disk, req.disk_size_bytes)
-                    spec_disks.append(
-                        DiskSpec(
-                            path=str(disk),
-                            format="qcow2",
-                            backing_image=req.image,
-                            iops_total=req.disk_iops_total,
-                            bps_total=req.disk_bps_total,
-                        )
-                    )
+                spec_disks = await self._new_disks(req, base, rev)
                 spec = VmSpec(
                     name=req.name,
                     uuid=str(uuid.uuid4()),
@@ -525,6 +529,7 @@ class VmService:
                     initrd=initrd,
                     cmdline=cmdline,
                     disks=spec_disks,
+                    cdroms=cdroms,
                     nics=[NicSpec(mac=_mac())] if req.nic else [],
                     cpu_weight=req.cpu_weight,
                     cpu_max_percent=req.cpu_max_percent,
@@ -539,23 +544,124 @@ class VmService:
             self._bus.publish("vm-created", vm=spec.name)
             return vm.info()
 
+    def cdrom(self, source: str, drive: str = "cd0") -> CdromSpec:
+        """A CD-ROM holding `source`: a volume POOL/NAME (an ISO, or a raw image), or an install-media image."""
+        if "/" not in source:
+            img = self._image_lookup(source)
+            if img is None or not img.get("iso_volume"):
+                raise NotFound(f"no install-media image named {source!r} (or give a volume as POOL/NAME)")
+            source = str(img["iso_volume"])
+        row = self._volumes.row(source)
+        if row.format not in ("iso", "raw"):
+            raise InvalidInput(f"{source} is a {row.format} image, not something a CD-ROM drive can read")
+        return CdromSpec(name=drive, path=str(self._volumes.path(source)), volume=row.key)
+
+    def check_attachable(self, key: str, readonly: bool, vm_name: str) -> None:
+        row = self._volumes.row(key)
+        if row.format == "iso":
+            raise InvalidInput(f"{key} is an ISO image: give it as --iso (a CD-ROM), not as a disk")
+        users = [u for u in self.volume_users(key) if u != vm_name]
+        if users and not readonly:
+            raise Conflict(f"volume {key} is already used by VM(s) {', '.join(users)}")
+        if self._volumes.busy(key):
+            raise Conflict(f"volume {key} is busy (an operation on it is running)")
+
+    async def _new_disks(self, req: CreateVm, base: str | None, rev: Reverter) -> list[DiskSpec]:
+        """The disks of a new VM: an overlay on (or a copy of) its image, then each --disk in order. Volumes made
+        here are owned by the VM (deleted with it); existing ones given by name are only attached."""
+        disks: list[DiskSpec] = []
+
+        def made(key: str) -> None:
+            rev.add(lambda: self._volumes.discard(key))
+
+        def next_name() -> str:
+            return f"disk{len(disks)}"
+
+        iops_first, bps_first = req.disk_iops_total, req.disk_bps_total
+        if base is not None:
+            base_row = self._volumes.row(base)
+            ext = ".qcow2" if base_row.format == "qcow2" else ".raw"
+            name = self._volumes.free_name(DEFAULT_POOL, f"{req.name}-disk0", ext if req.image_copy else ".qcow2")
+            if req.image_copy:
+                info = await self._volumes.clone(base, CloneVolume(target=f"{DEFAULT_POOL}/{name}"))
+            else:
+                info = await self._volumes.create_overlay(DEFAULT_POOL, name, base, req.disk_size_bytes)
+            made(info.key)
+            disks.append(
+                DiskSpec(name=next_name(), path=info.path, format=info.format, volume=info.key,  # type: ignore[arg-type]
+                         backing_image=req.image, iops_total=iops_first, bps_total=bps_first)
+            )  # fmt: skip
+        elif req.disk_size_bytes:
+            name = self._volumes.free_name(DEFAULT_POOL, f"{req.name}-disk0", ".qcow2")
+            info = await self._volumes.create(DEFAULT_POOL, CreateVolume(name=name, size_bytes=req.disk_size_bytes))
+            made(info.key)
+            disks.append(
+                DiskSpec(name=next_name(), path=info.path, format="qcow2", volume=info.key,
+                         iops_total=iops_first, bps_total=bps_first)
+            )  # fmt: skip
+        for d in req.disks:
+            if d.volume is not None:
+                self.check_attachable(d.volume, False, req.name)
+                if any(x.volume == d.volume for x in disks):
+                    raise InvalidInput(f"volume {d.volume} is given twice")
+                row = self._volumes.row(d.volume)
+                disks.append(
+                    DiskSpec(name=next_name(), path=str(self._volumes.path(row.key)), format=row.format,  # type: ignore[arg-type]
+                             volume=row.key, owned=False, iops_total=d.iops_total, bps_total=d.bps_total)
+                )  # fmt: skip
+                continue
+            pool = d.pool or DEFAULT_POOL
+            name = self._volumes.free_name(pool, f"{req.name}-{next_name()}", f".{d.format}")
+            assert d.size_bytes is not None  # DiskRequest: a size or a volume
+            info = await self._volumes.create(
+                pool, CreateVolume(name=name, size_bytes=d.size_bytes, format=d.format, prealloc=d.prealloc)
+            )
+            made(info.key)
+            disks.append(
+                DiskSpec(name=next_name(), path=info.path, format=d.format, volume=info.key,
+                         iops_total=d.iops_total, bps_total=d.bps_total)
+            )  # fmt: skip
+        return disks
+
+    def volume_users(self, key: str) -> list[str]:
+        """VMs whose disks or CD-ROMs are volume `key`."""
+        return [
+            vm.spec.name
+            for vm in sorted(self._vms.values(), key=lambda v: v.spec.name)
+            if any(d.volume == key for d in vm.spec.disks) or any(c.volume == key for c in vm.spec.cdroms)
+        ]
+
+    def volume_running_users(self, key: str) -> list[str]:
+        return [n for n in self.volume_users(key) if self._vms[n].state.active or self._vms[n].proc is not None]
+
     async def delete(self, name: str, *, keep_disks: bool = False) -> None:
         vm = self._get(name)
         async with vm.lock:
             if vm.state.active:
                 raise Conflict(f"VM {name!r} is {vm.state}; stop it first")
-            # Kept disks move out first, so no crash can let the orphan clean-up below remove them. Then the
-            # row: a crash after it leaves only files without a row, which the next daemon start removes.
-            if keep_disks:
-                for d in vm.spec.disks:
-                    if d.owned and os.path.exists(d.path):
-                        kept = self._vm_dir.parent / "kept-disks" / f"{name}-{Path(d.path).name}"
-                        kept.parent.mkdir(exist_ok=True, mode=0o700)
+            owned = [d.volume for d in vm.spec.disks if d.owned and d.volume]
+            if not keep_disks:
+                for key in owned:
+                    deps = self._volumes.dependents(key)
+                    if deps:
+                        raise Conflict(
+                            f"disk {key} of {name!r} backs volume(s) {', '.join(deps)}: delete them first, "
+                            "or keep the disks (--keep-disks)"
+                        )
+            # The row goes first: a crash after it leaves the disks as volumes of no VM (kept), never a VM
+            # whose disks are gone.
+            for d in vm.spec.disks:
+                if d.owned:
+                    with contextlib.suppress(OSError):
                         os.chown(d.path, 0, 0)  # its identity may go to another VM later
-                        os.replace(d.path, kept)
-                        log.info("kept disk of %s at %s", name, kept)
             self._store.delete_vm(name)
             del self._vms[name]
+            if not keep_disks:
+                for key in owned:
+                    try:
+                        await self._volumes.delete(key)
+                    except VmkitError as e:
+                        log.warning("VM %s deleted, but not its disk %s: %s", name, key, e.message)
             shutil.rmtree(vm.paths.vm_dir, ignore_errors=True)
             shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
             self._bus.publish("vm-deleted", vm=name)
@@ -576,23 +682,46 @@ class VmService:
                 if req.disks:
                     mon = self._need_monitor(vm, VmState.RUNNING, VmState.PAUSED)
                     for d in req.disks:
-                        await _qmp(limits.apply_disk(mon, d.index, spec.disks[d.index]))
+                        disk = spec.disk(d.name)
+                        if disk is not None:  # limits.updated() refused unknown names
+                            await _qmp(limits.apply_disk(mon, disk))
             vm.spec = spec
             self._store.set_vm_spec(spec)
             return vm.info()
 
     async def disks(self, name: str) -> list[dict[str, Any]]:
-        """The VM's disks, with the I/O limits QEMU enforces right now (query-block) while it runs."""
+        """The VM's drives like `virsh domblklist --details`, with the I/O limits QEMU enforces right now
+        (query-block) while it runs."""
         vm = self._get(name)
         live: dict[str, dict[str, Any]] = {}
         if vm.monitor is not None and vm.state.active:
             for dev in await _qmp(vm.monitor.query_block()):
                 ins = dev.get("inserted") or {}
                 live[str(dev.get("qdev", ""))] = {k: ins.get(k) for k in ("iops", "bps", "group")}
-        return [
-            {"name": f"disk{i}", **d.model_dump(), "live": live.get(limits.qdev(i))}
-            for i, d in enumerate(vm.spec.disks)
-        ]
+        out: list[dict[str, Any]] = []
+        for d in vm.spec.disks:
+            row = self._volume_row(d.volume)
+            out.append(
+                {"name": d.name, "device": "disk", "path": d.path, "volume": d.volume, "format": d.format,
+                 "provisioning": provisioning(row.format, row.prealloc) if row else None,
+                 "backing": row.backing if row else None, "readonly": d.readonly, "owned": d.owned,
+                 "iops_total": d.iops_total, "bps_total": d.bps_total, "live": live.get(limits.qdev(d.name))}
+            )  # fmt: skip
+        for c in vm.spec.cdroms:
+            row = self._volume_row(c.volume)
+            out.append(
+                {"name": c.name, "device": "cdrom", "path": c.path, "volume": c.volume,
+                 "format": row.format if row else ("raw" if c.path else None), "readonly": True}
+            )  # fmt: skip
+        return out
+
+    def _volume_row(self, key: str | None) -> Any:
+        if key is None:
+            return None
+        try:
+            return self._volumes.row(key)
+        except VmkitError:
+            return None
 
     async def set_autostart(self, name: str, enabled: bool) -> VmInfo:
         vm = self._get(name)
@@ -644,7 +773,10 @@ class VmService:
                 vm.cgroup = await asyncio.to_thread(self._cgroups.create, vm.cgroup_name, limits.cgroup_limits(vm.spec))
             elif limits.has_cgroup_limits(vm.spec):
                 raise Conflict(f"CPU and memory limits need cgroups, unusable here: {self._cgroups.describe()}")
-            with open_handover(vm.spec, paths, ident.uid, ident.gid) as fds:
+            busy = [d.volume for d in vm.spec.disks if d.volume and self._volumes.busy(d.volume)]
+            if busy:
+                raise Conflict(f"volume(s) {', '.join(busy)} are busy (an operation on them is running)")
+            with open_handover(vm.spec, paths, ident.uid, ident.gid, format_of=self._volumes.format_of) as fds:
                 argv = qemu_argv(vm.spec, paths, self._host, fds)
                 vm.proc, vm.popen = process.spawn(
                     argv,
@@ -855,14 +987,3 @@ def _tail(path: Path, lines: int = 5) -> str:
     except OSError:
         return ""
     return " | ".join(text.strip().splitlines()[-lines:])
-
-
-def _create_disk(path: Path, base: str | None, size_bytes: int | None) -> None:
-    """A qcow2 disk: an overlay on base (the shared image is never written), else an empty thin disk."""
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
-    if base:
-        argv += ["-b", base, "-F", "qcow2"]
-    argv.append(str(path))
-    if size_bytes:
-        argv.append(str(size_bytes))
-    run(argv, timeout_s=60)

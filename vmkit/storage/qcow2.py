@@ -4,12 +4,18 @@ QEMU is handed every image of a chain as an open file descriptor with the chain 
 so it never opens a backing file by the path written in a header (it could not: it runs unprivileged and
 has no rights on vmkit's directories). Reading ~1 KiB of header per image keeps this off the start path's
 budget, where a qemu-img call would cost ~20 ms.
+
+An image's format must never be decided by its content: a raw image whose guest wrote a qcow2 header into
+it would otherwise be taken for a qcow2 with a backing file of the guest's choosing (libvirt's
+CVE-2010-2237). With `format_of`, every image below a qcow2 must be a volume vmkit knows, and its recorded
+format is used; the header's backing format and probing are the fallback for images outside any pool only.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +34,7 @@ class ImageError(VmkitError):
 @dataclass(frozen=True)
 class Backing:
     path: str
-    format: str  # "qcow2" or "raw"; as recorded in the header, else probed from the magic
+    format: str  # "qcow2" or "raw": as vmkit recorded it (format_of), else as in the header, else probed
 
 
 def _header(path: str) -> tuple[str | None, str | None]:
@@ -57,8 +63,12 @@ def _header(path: str) -> tuple[str | None, str | None]:
     return backing, fmt
 
 
-def backing_chain(path: str, fmt: str) -> list[Backing]:
-    """The images under `path`, nearest first. Raw images have no backing."""
+def backing_chain(path: str, fmt: str, format_of: Callable[[str], str | None] | None = None) -> list[Backing]:
+    """The images under `path`, nearest first. Raw images have no backing.
+
+    format_of(realpath) is the format vmkit recorded for the volume at realpath, None if no pool holds it.
+    When given, each backing image's format comes from it (never from a header or the image's content), an
+    image outside every pool is refused, and each Backing's path is the resolved one that was checked."""
     chain: list[Backing] = []
     current, current_fmt = path, fmt
     while current_fmt == "qcow2":
@@ -70,7 +80,15 @@ def backing_chain(path: str, fmt: str) -> list[Backing]:
             break
         if backing.startswith(("json:", "nbd:", "nfs:", "iscsi:")) or not os.path.isfile(backing):
             raise ImageError(f"{current} is backed by {backing}, which is not a local file vmkit can open")
-        if bfmt not in ("qcow2", "raw"):
+        if format_of is not None:
+            backing = os.path.realpath(backing)
+            recorded = format_of(backing)
+            if recorded is None:
+                raise ImageError(f"{current} is backed by {backing}, which is not a volume of any pool")
+            bfmt = "raw" if recorded == "iso" else recorded
+            if bfmt not in ("qcow2", "raw"):
+                raise ImageError(f"{current} is backed by {backing}, a volume of format {recorded}")
+        elif bfmt not in ("qcow2", "raw"):
             with open(backing, "rb") as f:
                 bfmt = "qcow2" if f.read(4) == MAGIC else "raw"
         chain.append(Backing(backing, bfmt))

@@ -16,7 +16,7 @@ from typing import Any
 
 from vmkit.model.vm import VmSpec, VmState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # API tokens for the TCP listener: only a SHA-256 of each secret is kept.
 _TOKENS_TABLE = """
@@ -26,6 +26,26 @@ CREATE TABLE IF NOT EXISTS tokens (
     read_only INTEGER NOT NULL,
     created_at REAL NOT NULL,
     last_used_at REAL
+)"""
+
+# Storage pools and their volumes. A volume row in state 'creating' or 'deleting' marks work a crash may
+# have cut short: the next daemon start removes its file and the row (services/volumes.py).
+_STORAGE_TABLES = """
+CREATE TABLE IF NOT EXISTS pools (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS volumes (
+    pool TEXT NOT NULL REFERENCES pools(name),
+    name TEXT NOT NULL,
+    format TEXT NOT NULL,
+    prealloc TEXT NOT NULL,
+    backing TEXT,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (pool, name)
 )"""
 
 # The schema a fresh state dir gets; an older one is brought here by _MIGRATIONS, in order.
@@ -50,6 +70,8 @@ CREATE TABLE IF NOT EXISTS images (
 """
     + _TOKENS_TABLE
     + ";\n"
+    + _STORAGE_TABLES
+    + ";\n"
 )
 
 # version -> statements that bring the previous version to it. Each runs in one transaction with the
@@ -62,6 +84,9 @@ _MIGRATIONS: dict[int, list[str]] = {
     ],
     # 3: API tokens for remote access (TCP listener).
     3: [_TOKENS_TABLE],
+    # 4: pools and volumes. The files of an earlier layout (STATE/vms/NAME/*.qcow2, STATE/images/…) are
+    # moved into pools by services/upgrade.py at the next daemon start (meta 'layout').
+    4: [stmt for stmt in _STORAGE_TABLES.split(";") if stmt.strip()],
 }
 
 
@@ -76,6 +101,21 @@ class VmRow:
     state: VmState
     reason: str | None
     uid: int | None
+
+
+@dataclass(frozen=True)
+class VolumeRow:
+    pool: str
+    name: str
+    format: str
+    prealloc: str
+    backing: str | None  # POOL/NAME
+    state: str  # ready | creating | deleting
+    created_at: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.pool}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -180,6 +220,56 @@ class Store:
         rows = self._db.execute("SELECT name, data FROM images ORDER BY name").fetchall()
         return {n: json.loads(d) for n, d in rows}
 
+    # Pools and volumes
+    def add_pool(self, name: str, kind: str, path: str) -> None:
+        self._db.execute(
+            "INSERT INTO pools(name, kind, path, created_at) VALUES (?,?,?,?)", (name, kind, path, time.time())
+        )
+
+    def pools(self) -> list[tuple[str, str, str]]:
+        """(name, kind, path) of every pool, by name."""
+        return [tuple(r) for r in self._db.execute("SELECT name, kind, path FROM pools ORDER BY name")]
+
+    def delete_pool(self, name: str) -> None:
+        self._db.execute("DELETE FROM pools WHERE name = ?", (name,))
+
+    _VOL_COLS = "pool, name, format, prealloc, backing, state, created_at"
+
+    def add_volume(self, row: VolumeRow) -> None:
+        self._db.execute(
+            f"INSERT INTO volumes({self._VOL_COLS}) VALUES (?,?,?,?,?,?,?)",
+            (row.pool, row.name, row.format, row.prealloc, row.backing, row.state, row.created_at),
+        )
+
+    def volumes(self, pool: str | None = None) -> list[VolumeRow]:
+        sql = f"SELECT {self._VOL_COLS} FROM volumes"
+        rows = (
+            self._db.execute(sql + " WHERE pool = ? ORDER BY name", (pool,))
+            if pool is not None
+            else self._db.execute(sql + " ORDER BY pool, name")
+        )
+        return [VolumeRow(*r) for r in rows]
+
+    def volume(self, pool: str, name: str) -> VolumeRow | None:
+        r = self._db.execute(
+            f"SELECT {self._VOL_COLS} FROM volumes WHERE pool = ? AND name = ?", (pool, name)
+        ).fetchone()
+        return VolumeRow(*r) if r else None
+
+    def update_volume(self, pool: str, name: str, **fields: str | None) -> None:
+        allowed = {"format", "prealloc", "backing", "state"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"can only update {sorted(allowed)}")
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE volumes SET {cols} WHERE pool = ? AND name = ?", (*fields.values(), pool, name))
+
+    def delete_volume(self, pool: str, name: str) -> None:
+        self._db.execute("DELETE FROM volumes WHERE pool = ? AND name = ?", (pool, name))
+
+    def transaction(self) -> _Transaction:
+        """`with store.transaction():` — the statements inside commit together or not at all."""
+        return _Transaction(self._db)
+
     # API tokens
     def add_token(self, row: TokenRow) -> None:
         self._db.execute(
@@ -198,3 +288,14 @@ class Store:
 
     def set_token_used(self, name: str, when: float) -> None:
         self._db.execute("UPDATE tokens SET last_used_at = ? WHERE name = ?", (when, name))
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
 import os
+import re
+import selectors
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,5 +67,89 @@ def run(
     if check and not result.ok:
         detail = (cp.stderr or cp.stdout).strip().splitlines()
         tail = detail[-1] if detail else f"exit status {cp.returncode}"
+        raise CommandFailed(f"{args[0]} failed: {tail}")
+    return result
+
+
+_LINE_END = re.compile(r"[\r\n]")
+
+
+def run_streaming(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    on_output: Callable[[str], None],
+    timeout_s: float | None = None,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> Result:
+    """Run argv like run(), calling on_output(piece) for each piece of its stdout as it arrives.
+
+    Pieces are split on \r as well as \n (progress meters such as `qemu-img convert -p` redraw one line
+    with \r); empty pieces are skipped. stdout is also collected whole into the Result, stderr only there.
+    Both pipes are read from one loop with a selector, so a program filling its stderr pipe cannot stall
+    while we wait on stdout. If on_output raises, or timeout_s passes, the program is killed and reaped
+    before the exception propagates: no caller is left with a process running behind its back.
+    """
+    args = tuple(os.fspath(a) for a in argv)
+    full_env = None
+    if env is not None:
+        full_env = dict(os.environ)
+        full_env.update(env)
+    started = time.monotonic()
+    deadline = None if timeout_s is None else started + timeout_s
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env
+        )
+    except FileNotFoundError as e:
+        raise CommandFailed(f"{args[0]}: not installed ({e.strerror})") from e
+    assert proc.stdout is not None and proc.stderr is not None  # both are PIPE
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in (out_fd, err_fd)}
+    texts: dict[int, list[str]] = {out_fd: [], err_fd: []}
+    pending = ""  # stdout text after the last line end, not yet handed to on_output
+    sel = selectors.DefaultSelector()
+    try:
+        for fd in (out_fd, err_fd):
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            wait = None if deadline is None else deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                raise CommandFailed(f"{args[0]}: timed out after {timeout_s} s")
+            for key, _ in sel.select(wait):
+                fd = key.fd
+                data = os.read(fd, 65536)
+                final = not data
+                if final:
+                    sel.unregister(fd)
+                text = decoders[fd].decode(data, final=final)
+                texts[fd].append(text)
+                if fd != out_fd:
+                    continue
+                pieces = _LINE_END.split(pending + text)
+                pending = pieces.pop()  # "" when the text ended on a line end
+                if final and pending:
+                    pieces.append(pending)
+                    pending = ""
+                for piece in pieces:
+                    if piece:
+                        on_output(piece)
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            returncode = proc.wait(wait)
+        except subprocess.TimeoutExpired as e:  # closed its pipes but did not exit
+            raise CommandFailed(f"{args[0]}: timed out after {timeout_s} s") from e
+    finally:
+        sel.close()
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    stdout, stderr = "".join(texts[out_fd]), "".join(texts[err_fd])
+    result = Result(args, returncode, stdout, stderr, time.monotonic() - started)
+    if check and not result.ok:
+        detail = (stderr or stdout).strip().splitlines()
+        tail = detail[-1] if detail else f"exit status {returncode}"
         raise CommandFailed(f"{args[0]} failed: {tail}")
     return result

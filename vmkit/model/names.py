@@ -1,0 +1,21 @@
+"""The one naming rule for VMs, pools, volumes, images and tokens."""
+
+from __future__ import annotations
+
+import re
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def valid_name(name: str) -> bool:
+    return _NAME_RE.fullmatch(name) is not None  # fullmatch: "$" alone would accept a trailing newline
+
+
+def check_name(name: str, what: str = "VM") -> str:
+    """Return name if it is a valid resource name, else raise ValueError with a message for people."""
+    if not valid_name(name):
+        raise ValueError(
+            f"invalid {what} name {name!r}: use 1-63 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+        )
+    return name

@@ -1,0 +1,549 @@
+"""Volumes: the image files in pools — create, list, inspect, resize, convert, clone, import, export, delete.
+
+Invariants:
+- A volume's format is decided once (at creation, import or adoption by `pool refresh`) and recorded; every
+  later use passes it explicitly. A guest writing a qcow2 header into a raw volume gains nothing: the volume
+  stays raw, and images below a qcow2 take their format from their own rows (`format_of`), never from a header.
+- A qcow2 may only be backed by another volume of some pool; one whose header names any other file, or an
+  external data file, is refused at import and skipped at adoption.
+- New files are written under a hidden temporary name and renamed into place; the row is reserved first
+  (state `creating`) and marked `ready` after the rename. A crash at any point leaves a row the next start
+  removes together with its file (`recover`), or a temporary file it deletes: never an orphan file, never a
+  row without its file. Deletion marks the row `deleting` before unlinking, for the same reason.
+- A volume in use by a VM cannot be deleted, converted or resized while that VM runs; one that backs other
+  volumes cannot be deleted or converted at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+from vmkit.errors import Conflict, InvalidInput, NoSpace, NotFound, VmkitError
+from vmkit.model.storage import (
+    BackingInfo,
+    CloneVolume,
+    ConvertVolume,
+    CreateVolume,
+    PoolInfo,
+    ResizeVolume,
+    VolumeInfo,
+    provisioning,
+    split_volume,
+)
+from vmkit.services.operations import Progress
+from vmkit.services.pools import PoolService
+from vmkit.storage import files, qemu_img
+from vmkit.storage.qcow2 import MAGIC as QCOW2_MAGIC
+from vmkit.storage.qcow2 import ImageError, backing_chain
+from vmkit.store.db import Store, VolumeRow
+
+log = logging.getLogger(__name__)
+
+# qcow2 incompatible feature bit 2: the guest data lives in an external file named in the header.
+_QCOW2_EXTERNAL_DATA = 1 << 2
+UPLOAD_BUFFER = 8 * 1024 * 1024  # bytes gathered before each write during an upload
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    pass
+
+
+def _qcow2_header(path: Path) -> tuple[int, int]:
+    """(virtual size, incompatible feature bits) from a qcow2 header."""
+    with open(path, "rb") as f:
+        head = f.read(104)
+    if head[:4] != QCOW2_MAGIC or len(head) < 32:
+        raise ImageError(f"{path} is not a qcow2 image")
+    version = struct.unpack(">I", head[4:8])[0]
+    size = struct.unpack(">Q", head[24:32])[0]
+    incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
+    return size, incompatible
+
+
+def virtual_size(path: Path, fmt: str) -> int:
+    return _qcow2_header(path)[0] if fmt == "qcow2" else os.stat(path).st_size
+
+
+class VolumeService:
+    def __init__(self, *, store: Store, pools: PoolService) -> None:
+        self._store = store
+        self._pools = pools
+        self._locks: dict[str, asyncio.Lock] = {}
+        # Set by the daemon once VMs are loaded: which VMs use a volume, and which of them run.
+        self._users: Callable[[str], list[str]] = lambda key: []
+        self._running_users: Callable[[str], list[str]] = lambda key: []
+
+    def set_users(self, users: Callable[[str], list[str]], running: Callable[[str], list[str]]) -> None:
+        self._users, self._running_users = users, running
+
+    # ----- lookups -------------------------------------------------------------------------------
+    def row(self, key: str) -> VolumeRow:
+        pool, name = self._split(key)
+        self._pools.get(pool)
+        row = self._store.volume(pool, name)
+        if row is None or row.state != "ready":
+            raise NotFound(f"no volume {key!r}")
+        return row
+
+    @staticmethod
+    def _split(key: str) -> tuple[str, str]:
+        try:
+            return split_volume(key)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+
+    def path(self, key: str) -> Path:
+        pool, name = self._split(key)
+        return files.resolve(self._pools.dir(pool), name)
+
+    def _path_of(self, row: VolumeRow) -> Path:
+        return files.resolve(self._pools.dir(row.pool), row.name)
+
+    def qemu_format(self, key: str) -> str:
+        """The format QEMU opens the volume with (an ISO is raw to it)."""
+        fmt = self.row(key).format
+        return "raw" if fmt == "iso" else fmt
+
+    def key_of_path(self, path: str | os.PathLike[str]) -> str | None:
+        """POOL/NAME of the ready volume whose file is `path`, if any."""
+        real = os.path.realpath(path)
+        pool = self._pools.pool_of_dir(os.path.dirname(real))
+        if pool is None:
+            return None
+        row = self._store.volume(pool.name, os.path.basename(real))
+        return row.key if row is not None and row.state == "ready" else None
+
+    def format_of(self, path: str) -> str | None:
+        """The recorded QEMU format of the volume at `path`; None when it is no volume (see qemu/handover.py)."""
+        key = self.key_of_path(path)
+        return self.qemu_format(key) if key else None
+
+    def dependents(self, key: str) -> list[str]:
+        return [r.key for r in self._store.volumes() if r.backing == key and r.state != "deleting"]
+
+    def busy(self, key: str) -> bool:
+        lock = self._locks.get(key)
+        return lock is not None and lock.locked()
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    def info(self, key: str, *, chain: bool = False) -> VolumeInfo:
+        return self._info(self.row(key), chain=chain)
+
+    def _info(self, row: VolumeRow, *, chain: bool = False) -> VolumeInfo:
+        path = self._path_of(row)
+        try:
+            capacity = virtual_size(path, row.format)
+            allocation = files.allocated_bytes(path)
+        except (OSError, ImageError):
+            capacity = allocation = 0  # the file vanished under us; refresh will say so
+        chain_info = None
+        if chain and row.format == "qcow2":
+            # What the headers say (like `qemu-img info --backing-chain`), each image named by its volume.
+            chain_info = []
+            for img in backing_chain(str(path), "qcow2", format_of=self.format_of):
+                ipath = Path(img.path)
+                chain_info.append(
+                    BackingInfo(
+                        path=img.path,
+                        format=img.format,
+                        volume=self.key_of_path(ipath),
+                        capacity_bytes=virtual_size(ipath, img.format),
+                        allocation_bytes=files.allocated_bytes(ipath),
+                    )
+                )
+        elif chain:
+            chain_info = []
+        return VolumeInfo(
+            pool=row.pool,
+            name=row.name,
+            key=row.key,
+            path=str(path),
+            format=row.format,  # type: ignore[arg-type]
+            prealloc=row.prealloc,
+            provisioning=provisioning(row.format, row.prealloc),
+            capacity_bytes=capacity,
+            allocation_bytes=allocation,
+            backing=row.backing,
+            used_by=self._users(row.key),
+            chain=chain_info,
+        )
+
+    def all(self, pool: str | None = None) -> list[VolumeInfo]:
+        if pool is not None:
+            self._pools.get(pool)
+        return [self._info(r) for r in self._store.volumes(pool) if r.state == "ready"]
+
+    def pool_info(self, name: str) -> PoolInfo:
+        pool = self._pools.get(name)
+        rows = [r for r in self._store.volumes(name) if r.state == "ready"]
+        active = os.path.isdir(pool.path)
+        capacity = available = None
+        allocation = 0
+        if active:
+            capacity, available = files.fs_space(Path(pool.path))
+            for r in rows:
+                with contextlib.suppress(OSError, VmkitError):
+                    allocation += files.allocated_bytes(self._path_of(r))
+        return PoolInfo(
+            name=pool.name,
+            kind=pool.kind,
+            path=pool.path,
+            active=active,
+            capacity_bytes=capacity,
+            allocation_bytes=allocation,
+            available_bytes=available,
+            volumes=len(rows),
+        )
+
+    def pools(self) -> list[PoolInfo]:
+        return [self.pool_info(p.name) for p in self._pools.all()]
+
+    def check_free(self, pool: str, name: str) -> None:
+        """Refuse (404/409) a new volume POOL/NAME up front: no such pool, or the name is taken."""
+        directory = self._pools.dir(pool)
+        final = files.resolve(directory, name)
+        if self._store.volume(pool, name) is not None:
+            raise Conflict(f"volume {pool}/{name} already exists")
+        if os.path.lexists(final):
+            raise Conflict(f"a file named {name!r} already exists in pool {pool!r} (`pool refresh` adopts it)")
+
+    def free_name(self, pool: str, stem: str, ext: str) -> str:
+        """`stem.ext`, or `stem-N.ext` when taken (by a row or a stray file)."""
+        directory = self._pools.dir(pool)
+        for n in range(1000):
+            name = f"{stem}{'' if n == 0 else f'-{n}'}{ext}"
+            if self._store.volume(pool, name) is None and not os.path.lexists(directory / name):
+                return name
+        raise Conflict(f"no free volume name like {stem}{ext} in pool {pool!r}")
+
+    # ----- crash recovery ------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish or undo what a crash cut short (see the module's invariants). Run at daemon start."""
+        for row in self._store.volumes():
+            if row.state == "ready":
+                continue
+            try:
+                final = self._path_of(row)
+            except VmkitError:
+                final = None
+            if row.state == "converting" and final is not None:
+                # The converted file was complete before the row changed; only the rename may be missing.
+                tmp = final.with_name(_convert_tmp(row.name))
+                if tmp.exists():
+                    os.replace(tmp, final)
+                self._store.update_volume(row.pool, row.name, state="ready")
+                continue
+            if final is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+            log.info("removed volume %s left %s by a crash", row.key, row.state)
+            self._store.delete_volume(row.pool, row.name)
+        for pool in self._pools.all():
+            directory = Path(pool.path)
+            if not directory.is_dir():
+                continue
+            for entry in directory.iterdir():
+                if files.is_temp(entry.name):
+                    log.info("removing leftover %s", entry)
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+
+    # ----- making files --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _reserve(
+        self, pool: str, name: str, *, fmt: str, prealloc: str, backing: str | None
+    ) -> Iterator[tuple[Path, Path]]:
+        """Reserve POOL/NAME (row `creating`) and yield (temporary path, final path). The caller writes the
+        temporary file; on a clean exit it is renamed into place and the row becomes ready, otherwise both go."""
+        directory = self._pools.dir(pool)
+        if not directory.is_dir():
+            raise Conflict(f"the directory of pool {pool!r} ({directory}) is missing")
+        self.check_free(pool, name)
+        final = files.resolve(directory, name)
+        self._store.add_volume(VolumeRow(pool, name, fmt, prealloc, backing, "creating", time.time()))
+        tmp = files.temp_path(directory, name)
+        try:
+            yield tmp, final
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            self._store.delete_volume(pool, name)
+            raise
+        self._store.update_volume(pool, name, state="ready")
+
+    async def create(self, pool: str, req: CreateVolume, progress: Progress = _no_progress) -> VolumeInfo:
+        if req.format == "raw" and req.prealloc == "metadata":
+            raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
+        with self._reserve(pool, req.name, fmt=req.format, prealloc=req.prealloc, backing=None) as (tmp, _):
+            progress(0.0, f"creating {pool}/{req.name}")
+            await asyncio.to_thread(
+                qemu_img.create, tmp, fmt=req.format, size_bytes=req.size_bytes, prealloc=req.prealloc
+            )
+        return self.info(f"{pool}/{req.name}")
+
+    async def create_overlay(self, pool: str, name: str, backing_key: str, size_bytes: int | None = None) -> VolumeInfo:
+        """A thin qcow2 on top of backing_key (a linked clone); size None = the backing's size."""
+        base = self.row(backing_key)
+        if base.format == "iso":
+            raise InvalidInput(f"{backing_key} is an ISO image; it cannot back a disk")
+        base_path = self._path_of(base)
+        base_size = virtual_size(base_path, base.format)
+        if size_bytes is not None and size_bytes < base_size:
+            raise InvalidInput(f"an overlay cannot be smaller than {backing_key} ({base_size} bytes)")
+        with self._reserve(pool, name, fmt="qcow2", prealloc="off", backing=base.key) as (tmp, _):
+            await asyncio.to_thread(
+                qemu_img.create,
+                tmp,
+                fmt="qcow2",
+                size_bytes=size_bytes or 0,
+                backing=base_path,
+                backing_fmt=base.format,
+            )
+        return self.info(f"{pool}/{name}")
+
+    async def clone(self, src_key: str, req: CloneVolume, progress: Progress = _no_progress) -> VolumeInfo:
+        pool, name = self._split(req.target)
+        src = self.row(src_key)
+        if req.linked:
+            return await self.create_overlay(pool, name, src_key)
+        async with self._lock(src_key):
+            if self._running_users(src_key):
+                # A running guest writes under us: the copy would be torn.
+                raise Conflict(f"{src_key} is in use by running VM(s) {', '.join(self._running_users(src_key))}")
+            src_path = self._path_of(src)
+            with self._reserve(pool, name, fmt=src.format, prealloc=src.prealloc, backing=None) as (tmp, _):
+                progress(0.0, f"copying {src_key}")
+
+                def report(f: float) -> None:
+                    progress(f, f"copying {src_key}")
+
+                if src.backing is None:
+                    # A standalone file: a plain sparse copy is the fastest full clone (see bench/storage.py).
+                    await asyncio.to_thread(files.copy_file, src_path, tmp, progress=report)
+                    if src.prealloc in ("falloc", "full"):
+                        await asyncio.to_thread(files.preallocate, tmp, src.prealloc)
+                else:
+                    # An overlay: flatten its chain into one standalone image of the same format.
+                    await asyncio.to_thread(
+                        qemu_img.convert, src_path, src.format, tmp, src.format, prealloc="off", progress=report
+                    )
+        return self.info(req.target)
+
+    async def register_file(
+        self, pool: str, name: str, src: Path, *, fmt: str, mode: int = 0o600, replace: bool = False
+    ) -> VolumeInfo:
+        """Copy a file vmkit made (an image build's output) into a pool as a volume of the given format."""
+        if replace and self._store.volume(pool, name) is not None:
+            return self.info(f"{pool}/{name}")
+        with self._reserve(pool, name, fmt=fmt, prealloc="off", backing=None) as (tmp, _):
+            await asyncio.to_thread(files.copy_file, src, tmp)
+            os.chmod(tmp, mode)
+        return self.info(f"{pool}/{name}")
+
+    async def upload(self, pool: str, name: str, chunks: AsyncIterator[bytes], length: int | None) -> VolumeInfo:
+        """Import a file streamed by a client (never held whole in memory). Its format is detected here, once."""
+        directory = self._pools.dir(pool)
+        if length is not None:
+            _, available = files.fs_space(directory)
+            if length > available:
+                raise NoSpace(f"not enough space in pool {pool!r}: {available} bytes free, the upload is {length}")
+        with self._reserve(pool, name, fmt="raw", prealloc="off", backing=None) as (tmp, final):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                buf = bytearray()
+                async for chunk in chunks:
+                    buf += chunk
+                    if len(buf) >= UPLOAD_BUFFER:
+                        await asyncio.to_thread(_write_all, fd, bytes(buf), tmp)
+                        buf.clear()
+                if buf:
+                    await asyncio.to_thread(_write_all, fd, bytes(buf), tmp)
+            finally:
+                os.close(fd)
+            fmt = await asyncio.to_thread(self._check_new_image, tmp)
+            self._store.update_volume(pool, name, format=fmt, backing=self._backing_key(tmp, fmt))
+        return self.info(f"{pool}/{name}")
+
+    def _check_new_image(self, path: Path) -> str:
+        """Detect a new file's format (once, now) and refuse images that would reach outside the pools."""
+        fmt = files.detect_format(path)
+        if fmt == "qcow2":
+            _, incompatible = _qcow2_header(path)
+            if incompatible & _QCOW2_EXTERNAL_DATA:
+                raise InvalidInput(
+                    "a qcow2 with an external data file is not accepted (it names a file outside the pools)"
+                )
+            try:
+                backing_chain(str(path), "qcow2", format_of=self.format_of)
+            except ImageError as e:
+                raise InvalidInput(f"refused: {e.message}") from None
+        return fmt
+
+    def _backing_key(self, path: Path, fmt: str) -> str | None:
+        if fmt != "qcow2":
+            return None
+        chain = backing_chain(str(path), "qcow2", format_of=self.format_of)
+        return self.key_of_path(chain[0].path) if chain else None
+
+    async def refresh(self, pool: str) -> dict[str, list[str] | list[dict[str, str]]]:
+        """Adopt image files dropped into the pool's directory; drop rows whose file is gone (unless a VM uses
+        them). Returns what was adopted, skipped (with why) and forgotten."""
+        directory = self._pools.dir(pool)
+        if not directory.is_dir():
+            raise Conflict(f"the directory of pool {pool!r} ({directory}) is missing")
+        known = {r.name: r for r in self._store.volumes(pool)}
+        adopted: list[str] = []
+        skipped: list[dict[str, str]] = []
+        forgotten: list[str] = []
+        pending = sorted(n for n in os.listdir(directory) if n not in known and not n.startswith("."))
+        # Several passes: an overlay dropped in beside its base is adopted once its base is.
+        while pending:
+            retry: list[str] = []
+            reasons: dict[str, str] = {}
+            for name in pending:
+                try:
+                    path = files.resolve(directory, name)
+                    if not path.is_file():
+                        continue
+                    fmt = await asyncio.to_thread(self._check_new_image, path)
+                    backing = self._backing_key(path, fmt)
+                except (VmkitError, OSError) as e:
+                    retry.append(name)
+                    reasons[name] = getattr(e, "message", None) or str(e)
+                    continue
+                prealloc = "off"
+                if fmt == "raw" and files.allocated_bytes(path) >= os.stat(path).st_size > 0:
+                    prealloc = "falloc"  # fully allocated: recorded as thick
+                self._store.add_volume(VolumeRow(pool, name, fmt, prealloc, backing, "ready", time.time()))
+                adopted.append(name)
+            if len(retry) == len(pending):
+                skipped += [{"name": n, "reason": reasons[n]} for n in retry]
+                break
+            pending = retry
+        for name, row in known.items():
+            if row.state == "ready" and not os.path.lexists(directory / name):
+                if self._users(row.key) or self.dependents(row.key):
+                    skipped.append({"name": name, "reason": "file missing, but a VM or volume still refers to it"})
+                    continue
+                self._store.delete_volume(pool, name)
+                forgotten.append(name)
+        return {"adopted": adopted, "skipped": skipped, "forgotten": forgotten}
+
+    def discard(self, key: str) -> None:
+        """Remove a volume made moments ago by a step that is being undone (no user can have it yet)."""
+        pool, name = self._split(key)
+        row = self._store.volume(pool, name)
+        if row is None:
+            return
+        self._store.update_volume(pool, name, state="deleting")
+        with contextlib.suppress(FileNotFoundError, VmkitError):
+            self._path_of(row).unlink()
+        self._store.delete_volume(pool, name)
+
+    # ----- changing volumes ----------------------------------------------------------------------
+    def _refuse_if_running(self, key: str, what: str) -> None:
+        running = self._running_users(key)
+        if running:
+            raise Conflict(f"cannot {what} {key}: VM(s) {', '.join(running)} use it and are running")
+
+    async def resize(self, key: str, req: ResizeVolume, progress: Progress = _no_progress) -> VolumeInfo:
+        row = self.row(key)
+        if row.format == "iso":
+            raise InvalidInput(f"{key} is an ISO image; it cannot be resized")
+        async with self._lock(key):
+            self._refuse_if_running(key, "resize")
+            path = self._path_of(row)
+            current = virtual_size(path, row.format)
+            if req.size_bytes < current and not req.allow_shrink:
+                raise Conflict(
+                    f"{key} is {current} bytes; shrinking to {req.size_bytes} loses data at its end "
+                    "(pass allow_shrink / --allow-shrink if that is what you want)"
+                )
+            if req.size_bytes < current and self.dependents(key):
+                raise Conflict(f"{key} backs {', '.join(self.dependents(key))}; it cannot shrink")
+            progress(0.0, f"resizing {key}")
+            prealloc = row.prealloc if row.prealloc in ("falloc", "full") else "off"
+            await asyncio.to_thread(
+                qemu_img.resize, path, row.format, req.size_bytes, shrink=req.size_bytes < current, prealloc=prealloc
+            )
+        return self.info(key)
+
+    async def convert(self, key: str, req: ConvertVolume, progress: Progress = _no_progress) -> VolumeInfo:
+        row = self.row(key)
+        if row.format == "iso":
+            raise InvalidInput(f"{key} is an ISO image; it cannot be converted")
+        if req.format == "raw" and req.prealloc == "metadata":
+            raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
+        async with self._lock(key):
+            if self._users(key):
+                raise Conflict(
+                    f"cannot convert {key}: VM(s) {', '.join(self._users(key))} use it (detach it or delete them first)"
+                )
+            if self.dependents(key):
+                raise Conflict(f"cannot convert {key}: it backs {', '.join(self.dependents(key))}")
+            path = self._path_of(row)
+            tmp = path.with_name(_convert_tmp(row.name))
+            try:
+
+                def report(f: float) -> None:
+                    progress(f, f"converting {key} to {req.format} ({req.prealloc})")
+
+                await asyncio.to_thread(
+                    qemu_img.convert, path, row.format, tmp, req.format, prealloc=req.prealloc, progress=report
+                )
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise
+            # The row names the new format before the new file takes the old one's place: recover() finishes
+            # a rename a crash cut off (state 'converting' only ever points at a complete file).
+            with self._store.transaction():
+                self._store.update_volume(
+                    row.pool, row.name, format=req.format, prealloc=req.prealloc, backing=None, state="converting"
+                )
+            os.replace(tmp, path)
+            self._store.update_volume(row.pool, row.name, state="ready")
+        return self.info(key)
+
+    async def delete(self, key: str, *, owner: str | None = None) -> None:
+        """Delete a volume; refused while a VM (other than `owner`, the VM being deleted) uses it or another
+        volume is backed by it."""
+        row = self.row(key)
+        async with self._lock(key):
+            users = [u for u in self._users(key) if u != owner]
+            if users:
+                raise Conflict(f"cannot delete {key}: VM(s) {', '.join(users)} use it")
+            deps = self.dependents(key)
+            if deps:
+                raise Conflict(f"cannot delete {key}: volume(s) {', '.join(deps)} are backed by it")
+            path = self._path_of(row)
+            self._store.update_volume(row.pool, row.name, state="deleting")
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self._store.delete_volume(row.pool, row.name)
+
+
+def _convert_tmp(name: str) -> str:
+    """The fixed temporary name of an in-place convert (recover() must find it again)."""
+    return f".vmkit-tmp.{name}.convert"
+
+
+def _write_all(fd: int, data: bytes, path: Path) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as e:
+        if e.errno == 28:  # ENOSPC
+            raise NoSpace(f"no space left on the device of {path.parent}") from None
+        raise
