@@ -139,11 +139,13 @@ def clones(work: Path, src: Path, runs: int) -> dict[str, list[float]]:
         "qemu_img.convert raw -> qcow2": lambda: qemu_img.convert(src, "raw", dst, "qcow2"),
     }
     res: dict[str, list[float]] = {k: [] for k in methods}
-    # Interleaved rounds, each method once a round, so all share the machine's state of the moment; the first
-    # round is a warm-up (the first large writes after the image was made run up to 3x slower).
+    names = list(methods)
+    # Interleaved rounds, each method once a round, so all share the machine's state of the moment; the order
+    # rotates from round to round, so no method always follows the same one (a delete's discards and writeback
+    # linger into the next). The first round is a warm-up, not counted.
     for i in range(runs + 1):
-        for name, fn in methods.items():
-            t = timed(fn)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = timed(methods[name])
             if i:
                 res[name].append(t)
             if name.endswith("qcow2"):
@@ -187,7 +189,8 @@ def main() -> None:
     if args.json:
         print(json.dumps({"iops": iops_rows, "linked_clone_s": linked, "clone_s": clone}))
         return
-    print(f"storage, {args.dir} on {kind}, 1 GiB images, {args.runs} runs (medians)")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"storage, {args.dir} on {kind}, 1 GiB images, {args.runs} runs (medians); load average at the end {load}")
     table(
         f"4 KiB writes, one per 64 KiB, 32 in flight, IOPS ({WRITES} writes a pass)",
         ("image", "first write, O_DIRECT", "overwrite, O_DIRECT", "first write, page cache"),

@@ -334,7 +334,7 @@ class Fake:
             if self.port_of(dev) is None:
                 raise QmpError(f"Bus '{self.devices[dev].get('bus')}' does not support hotplugging")
             if dev in self.unplugging:
-                raise QmpError("Hot-unplug already in progress")
+                return {}  # like q35's ACPI hotplug in QEMU 7.2: the request is simply made again
             self.unplugging.add(dev)
             if not os.environ.get("FAKE_QEMU_IGNORE_UNPLUG"):
                 threading.Thread(target=self.unplug, args=(dev,), daemon=True).start()

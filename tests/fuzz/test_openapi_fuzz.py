@@ -148,12 +148,32 @@ def _steer(case: schemathesis.Case) -> str | None:
         name = [name, *SEEDED][zlib.crc32(name.encode()) % (len(SEEDED) + 1)]
         case.path_parameters = {**(case.path_parameters or {}), "name": name}
         seeded = name if name in SEEDED else None
+    _steer_storage(case)
     if case.operation.path.endswith("/wait"):
         query = dict(case.query) if isinstance(case.query, dict) else {}
         t = query.get("timeout_s", 60.0)
         query["timeout_s"] = [_cap(v) for v in t] if isinstance(t, list) else _cap(t)  # a list: repeated
         case.query = query
     return seeded
+
+
+# Where generated pool paths are moved to (set by the test): a pool's directory is created, and no fuzz run may
+# create directories anywhere on the host.
+POOL_ROOT: list[Path] = []
+# Volume sizes are capped: a thick (falloc/full) volume of a generated size would really take that much disk.
+SIZE_CAP = 16 * 1024**2
+
+
+def _steer_storage(case: schemathesis.Case) -> None:
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    path = body.get("path")
+    if case.operation.path == "/v1/pools" and isinstance(path, str) and path.startswith("/") and POOL_ROOT:
+        body["path"] = str(POOL_ROOT[0] / f"p{zlib.crc32(path.encode(errors='replace')):08x}")
+    size = body.get("size_bytes")
+    if isinstance(size, int) and not isinstance(size, bool) and size > SIZE_CAP:
+        body["size_bytes"] = SIZE_CAP
 
 
 def _cap(timeout_s: Any) -> Any:
@@ -165,6 +185,7 @@ def _cap(timeout_s: Any) -> Any:
 
 def test_api_fuzz(daemon: Daemon, session: requests.Session, subtests: pytest.Subtests) -> None:
     _restore_seeded(daemon, list(SEEDED))
+    POOL_ROOT[:] = [daemon.root / "fuzz-pools"]
     config = schemathesis.Config.from_dict(
         {
             "seed": SEED,

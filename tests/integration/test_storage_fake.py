@@ -158,6 +158,14 @@ def test_import_export_and_hostile_images(fake_daemon: Daemon, tmp_path: Path) -
     (tmp_path / "isodir" / "hello").write_text("hi")
     subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-o", str(iso), str(tmp_path / "isodir")], check=True)
     assert j(d, "volume", "import", "images/cd.iso", str(iso))["format"] == "iso"
+    # --iso FILE uploads the file into pool images once; the same file again reuses that volume.
+    iso2 = tmp_path / "other install.iso"
+    iso2.write_bytes(iso.read_bytes())
+    vm = j(d, "vm", "create", "i1", "--no-nic", "--iso", str(iso2))
+    assert vm["cdroms"][0]["volume"] == "images/other_install.iso"
+    res = d.cli("vm", "create", "i2", "--no-nic", "--iso", str(iso2))
+    assert "already imported" in res.stderr
+    assert j(d, "volume", "info", "images/other_install.iso")["used_by"] == ["i1", "i2"]
     # A qcow2 whose header names a file outside the pools is refused, and leaves nothing behind.
     hostile = tmp_path / "hostile.qcow2"
     subprocess.run(

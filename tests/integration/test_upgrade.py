@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import FAKE_QEMU, ROOT, Daemon
 from vmkit.store.db import SCHEMA_VERSION
 
@@ -94,3 +96,121 @@ def test_state_dir_from_before_isolation(tmp_path: Path) -> None:
         if old_qemu.poll() is None:
             old_qemu.kill()
         old_qemu.wait()
+
+
+FIXTURE_V3 = ROOT / "tests" / "fixtures" / "state-v3.sql"
+BUILD = "demo-6.1.0-56-amd64-12ae031d1605fe63"
+
+
+def _layout_v3(state: Path) -> dict[str, Path]:
+    """STATE as vmkit left it before pools: files plus the v3 database of tests/fixtures/state-v3.sql."""
+    build = state / "images" / "demo" / BUILD
+    build.mkdir(parents=True)
+    (state / "vms" / "web").mkdir(parents=True)
+    (state / "vms" / "blank").mkdir(parents=True)
+    (state / "kept-disks").mkdir()
+    files = {
+        "kernel": build / "vmlinux",
+        "initrd": build / "initrd.gz",
+        "base": build / "disk.qcow2",
+        "web": state / "vms" / "web" / "disk0.qcow2",
+        "blank": state / "vms" / "blank" / "disk0.qcow2",
+        "kept": state / "kept-disks" / "old-disk0.qcow2",
+    }
+    files["kernel"].write_bytes(b"\x7fELF kernel")
+    files["initrd"].write_bytes(b"\x1f\x8b initrd")
+    img = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    subprocess.run([*img, str(files["base"]), "16M"], check=True)
+    subprocess.run([*img, "-b", str(files["base"]), "-F", "qcow2", str(files["web"])], check=True)
+    subprocess.run([*img, str(files["blank"]), "8M"], check=True)
+    subprocess.run([*img, str(files["kept"]), "4M"], check=True)
+    # What users wrote: checked byte for byte after the upgrade.
+    for name, pattern in (("base", "0x11"), ("web", "0x22"), ("blank", "0x33"), ("kept", "0x44")):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} 0 1M", str(files[name])], check=True,
+                       capture_output=True)  # fmt: skip
+    (state / "vms" / "web" / "serial.log").write_text("old boot log")
+    db = sqlite3.connect(state / "vmkit.db")
+    db.executescript(FIXTURE_V3.read_text().replace("@STATE@", str(state)))
+    db.commit()
+    db.close()
+    return files
+
+
+def _reads(path: str, pattern: str) -> bool:
+    res = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", f"read -P {pattern} 0 1M", path], capture_output=True, text=True
+    )
+    return res.returncode == 0 and "Pattern verification failed" not in res.stdout
+
+
+def test_state_dir_from_before_pools(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, {"VMKIT_QEMU": str(FAKE_QEMU)})
+    d.state_dir.mkdir(mode=0o700)
+    _layout_v3(d.state_dir)
+    try:
+        d.start()
+        vols = {v["key"]: v for v in d.api.get("/v1/volumes")}
+        base, web = f"images/{BUILD}-disk.qcow2", "default/web-disk0.qcow2"
+        assert {base, f"images/{BUILD}-vmlinux", f"images/{BUILD}-initrd.gz", web, "default/blank-disk0.qcow2",
+                "default/old-disk0.qcow2"} == set(vols)  # fmt: skip
+        assert vols[web]["backing"] == base and vols[base]["used_by"] == [] and vols[web]["used_by"] == ["web"]
+        # The overlay's header follows its base to its new home; every byte users wrote is where it was.
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", vols[web]["path"]],
+                                         capture_output=True, check=True).stdout)  # fmt: skip
+        assert info["backing-filename"] == vols[base]["path"]
+        assert _reads(vols[base]["path"], "0x11") and _reads(vols[web]["path"], "0x22")
+        assert _reads(vols["default/blank-disk0.qcow2"]["path"], "0x33")
+        assert _reads(vols["default/old-disk0.qcow2"]["path"], "0x44")
+        vm = d.vm("web")
+        assert vm["disks"][0]["volume"] == web and vm["kernel"] == vols[f"images/{BUILD}-vmlinux"]["path"]
+        assert d.vm("blank")["disks"][0]["iops_total"] == 100
+        assert (d.state_dir / "vms" / "web" / "serial.log").read_text() == "old boot log"  # logs stay
+        assert not (d.state_dir / "images").exists() and not (d.state_dir / "kept-disks").exists()
+        image = d.api.get("/v1/images/demo")
+        assert image["disk_volume"] == base and image["disk"] == vols[base]["path"]
+        # The VM starts from its moved disk, its chain handed over as descriptors.
+        d.cli("vm", "start", "web")
+        argv = (d.run_dir / "vms" / "web" / "argv.json").read_text()
+        assert "disk0-b1" in argv
+        d.cli("vm", "stop", "web", "--force")
+        # New VMs can use the taken-over image; deleting a VM deletes its taken-over disk.
+        d.cli("vm", "create", "web2", "--image", "demo")
+        d.cli("vm", "delete", "blank")
+        assert "default/blank-disk0.qcow2" not in {v["key"] for v in d.api.get("/v1/volumes")}
+        d.stop()
+        d.start()  # a second start takes nothing over again
+        assert len(d.api.get("/v1/volumes")) == 6
+    finally:
+        d.cleanup()
+
+
+def test_takeover_interrupted_is_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon killed half-way through the takeover (files moved, headers or records not yet) finishes it."""
+    from vmkit.services import upgrade
+    from vmkit.services.pools import PoolService
+    from vmkit.storage import qemu_img
+    from vmkit.store.db import Store
+
+    state = tmp_path / "state"
+    state.mkdir()
+    files = _layout_v3(state)
+    store = Store(state / "vmkit.db")
+    pools = PoolService(store=store, state_dir=state)
+    real_rebase = qemu_img.rebase_unsafe
+
+    def crash(*args: object, **kw: object) -> None:
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(qemu_img, "rebase_unsafe", crash)
+    with pytest.raises(KeyboardInterrupt):
+        upgrade.take_over(store, pools, state)
+    assert not files["web"].exists() and store.volumes() == []  # moved, not yet recorded
+    monkeypatch.setattr(qemu_img, "rebase_unsafe", real_rebase)
+    assert upgrade.take_over(store, pools, state) == 6
+    assert upgrade.take_over(store, pools, state) == 0
+    web = store.volume("default", "web-disk0.qcow2")
+    assert web is not None and web.backing == f"images/{BUILD}-disk.qcow2"
+    spec = {r.spec.name: r.spec for r in store.vms()}["web"]
+    assert spec.disks[0].path == str(state / "pools" / "default" / "web-disk0.qcow2")
+    assert _reads(spec.disks[0].path, "0x22")
+    store.close()

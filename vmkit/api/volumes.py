@@ -60,6 +60,7 @@ async def create_volume(pool: PoolName, req: CreateVolume, svc: Svc) -> JSONResp
     svc.volumes.check_free(pool, req.name)
     if req.format == "raw" and req.prealloc == "metadata":
         raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
+    svc.volumes.check_room(pool, req.size_bytes, req.prealloc)
     return _operation(svc, "volume-create", lambda p: svc.volumes.create(pool, req, p))
 
 

@@ -59,7 +59,7 @@ class _Strict(BaseModel):
 
 
 DISK_NAME_PATTERN = r"^disk[0-9]{1,3}$"
-CDROM_NAME_PATTERN = r"^cd[0-9]$"
+CDROM_NAME_PATTERN = r"^cd[0-5]$"  # ide.0-ide.5 of q35's AHCI
 MAX_DISKS = 64
 MAX_CDROMS = 4  # q35's AHCI ports left after none are used for disks
 

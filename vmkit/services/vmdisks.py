@@ -69,6 +69,9 @@ class VmDiskService:
                 raise NotFound(f"VM {name!r} has no disk {target!r} (its disks: {names})")
             mon = self._live_monitor(vm)
             if mon is not None:
+                if vm.state is VmState.PAUSED:
+                    # The guest must acknowledge the unplug, and a paused one cannot.
+                    raise Conflict(f"VM {name!r} is paused: resume it first, its guest must let go of {disk.name}")
                 await _qmp(hotplug.detach_disk(mon, disk.name))
             self._vms.save_spec(vm, vm.spec.model_copy(update={"disks": [d for d in vm.spec.disks if d is not disk]}))
             if disk.owned:

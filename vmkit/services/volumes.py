@@ -216,6 +216,16 @@ class VolumeService:
         if os.path.lexists(final):
             raise Conflict(f"a file named {name!r} already exists in pool {pool!r} (`pool refresh` adopts it)")
 
+    def check_room(self, pool: str, size_bytes: int, prealloc: str) -> None:
+        """A thick volume takes its whole size now: refuse it up front when the pool's filesystem lacks the room,
+        rather than filling the disk and failing at the end."""
+        if prealloc in ("falloc", "full"):
+            _, available = files.fs_space(self._pools.dir(pool))
+            if size_bytes > available:
+                raise NoSpace(
+                    f"not enough space in pool {pool!r} for a thick volume of {size_bytes} bytes ({available} free)"
+                )
+
     def free_name(self, pool: str, stem: str, ext: str) -> str:
         """`stem.ext`, or `stem-N.ext` when taken (by a row or a stray file)."""
         directory = self._pools.dir(pool)
@@ -284,6 +294,7 @@ class VolumeService:
     async def create(self, pool: str, req: CreateVolume, progress: Progress = _no_progress) -> VolumeInfo:
         if req.format == "raw" and req.prealloc == "metadata":
             raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
+        self.check_room(pool, req.size_bytes, req.prealloc)
         with self._reserve(pool, req.name, fmt=req.format, prealloc=req.prealloc, backing=None) as (tmp, _):
             progress(0.0, f"creating {pool}/{req.name}")
             await asyncio.to_thread(
@@ -473,6 +484,7 @@ class VolumeService:
                 raise Conflict(f"{key} backs {', '.join(self.dependents(key))}; it cannot shrink")
             progress(0.0, f"resizing {key}")
             prealloc = row.prealloc if row.prealloc in ("falloc", "full") else "off"
+            self.check_room(row.pool, req.size_bytes - current, prealloc)
             await asyncio.to_thread(
                 qemu_img.resize, path, row.format, req.size_bytes, shrink=req.size_bytes < current, prealloc=prealloc
             )
@@ -492,6 +504,7 @@ class VolumeService:
             if self.dependents(key):
                 raise Conflict(f"cannot convert {key}: it backs {', '.join(self.dependents(key))}")
             path = self._path_of(row)
+            self.check_room(row.pool, virtual_size(path, row.format), req.prealloc)
             tmp = path.with_name(_convert_tmp(row.name))
             try:
 

@@ -7,6 +7,7 @@ pool's directory (libvirt's CVE-2015-5313 was a volume name with "../" in it).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -207,7 +208,7 @@ def copy_file(
 
     sparse=True copies only src's data ranges and leaves its holes holes (dst takes about the blocks src does);
     sparse=False writes every byte, holes as zeros, so dst is fully allocated. dst is created here (O_EXCL, mode
-    0600, never through a symbolic link), so on any failure it is removed again: it never exists half-written.
+    0600, never through a symbolic link), so on any failure it is removed again: a failed copy leaves nothing.
     durable=True fsyncs dst before returning, so a rename that follows cannot survive a crash without the data.
     progress(fraction) is called as the copy advances through the file, last with 1.0. ENOSPC → NoSpace.
     """
@@ -237,7 +238,8 @@ def copy_file(
             progress(1.0)
     except BaseException as e:
         os.close(dfd)
-        os.unlink(dst)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise _no_space(dst, e) from e
         raise

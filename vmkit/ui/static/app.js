@@ -321,7 +321,7 @@ function detailPage(view, name) {
       h("p", {}, h("a", { href: `/ui/console.html?vm=${encodeURIComponent(name)}`, class: "button",
         id: "console-link", target: "_blank", rel: "noopener", text: "Open the console" }))),
     h("section", { class: "card" }, h("h2", { text: "Disks" }), h("table", { class: "plain" },
-      h("thead", {}, h("tr", {}, ["Name", "Format", "Path", "Image", "IOPS limit", "B/s limit"]
+      h("thead", {}, h("tr", {}, ["Name", "Device", "Volume", "Format", "Backing", "IOPS limit", "B/s limit"]
         .map((c) => h("th", { scope: "col", text: c })))), disks)),
     h("section", { class: "card" }, h("h2", { text: "Network cards" }), h("table", { class: "plain" },
       h("thead", {}, h("tr", {}, ["#", "Kind", "MAC"].map((c) => h("th", { scope: "col", text: c })))), nics)),
@@ -344,8 +344,10 @@ function detailPage(view, name) {
   };
   update();
   get(vmPath(name, "disks")).then((list) => disks.replaceChildren(...list.map((d) => h("tr", {},
-    h("td", { text: d.name }), h("td", { text: d.format }), h("td", { class: "path", text: d.path }),
-    h("td", { text: d.backing_image || "—" }), h("td", { text: String(d.live?.iops ?? d.iops_total ?? "—") }),
+    h("td", { text: d.name }), h("td", { text: d.device }),
+    h("td", { class: "path", text: d.volume || d.path || "(empty)" }),
+    h("td", { text: [d.format, d.provisioning].filter(Boolean).join(", ") || "—" }),
+    h("td", { text: d.backing || "—" }), h("td", { text: String(d.live?.iops ?? d.iops_total ?? "—") }),
     h("td", { text: d.live?.bps ?? d.bps_total ? bytes(d.live?.bps ?? d.bps_total) + "/s" : "—" })))))
     .catch((e) => { if (e.status !== 404) showError(e, "disks"); });
   every(2000, async () => {
