@@ -19,3 +19,13 @@ def check_name(name: str, what: str = "VM") -> str:
             f"invalid {what} name {name!r}: use 1-63 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
         )
     return name
+
+
+ABS_PATH_PATTERN = r"^/[^\x00]*$"
+
+
+def check_abs_path(v: str) -> str:
+    """Return v if it is an absolute path (no NUL), else raise ValueError for people."""
+    if not v.startswith("/") or "\0" in v:
+        raise ValueError("must be an absolute path")
+    return v

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from vmkit.model.names import NAME_PATTERN, check_name
+from vmkit.model.names import ABS_PATH_PATTERN, NAME_PATTERN, check_abs_path, check_name
 
 # What a volume holds. "iso" is a read-only install medium (QEMU reads it as raw); kernels and initrds
 # of images are "raw" files like any other.
@@ -47,9 +47,22 @@ def _strict() -> ConfigDict:
 
 
 VOLUME_KEY_PATTERN = NAME_PATTERN.removesuffix("$") + "/" + NAME_PATTERN.removeprefix("^")
+
+
+def _volume_key(v: str) -> str:
+    split_volume(v)
+    return v
+
+
+# POOL/NAME in a request body: stated in the OpenAPI document, checked with split_volume's message.
+VolumeKey = Annotated[
+    str, Field(description="POOL/NAME", json_schema_extra={"pattern": VOLUME_KEY_PATTERN}), AfterValidator(_volume_key)
+]
+AbsPath = Annotated[
+    str, Field(max_length=4096, json_schema_extra={"pattern": ABS_PATH_PATTERN}), AfterValidator(check_abs_path)
+]
 # An image's name (demo) or a volume's POOL/NAME: what --image and --iso take.
 IMAGE_REF_PATTERN = NAME_PATTERN.removesuffix("$") + "(/" + NAME_PATTERN.removeprefix("^").removesuffix("$") + ")?$"
-_ABS_PATH_PATTERN = r"^/[^\x00]*$"
 
 SizeBytes = Annotated[int, Field(gt=0, le=VOLUME_SIZE_MAX, description="bytes")]
 
@@ -69,19 +82,12 @@ class CreatePool(BaseModel):
     model_config = _strict()
     name: Annotated[str, Field(json_schema_extra={"pattern": NAME_PATTERN})]
     kind: Literal["dir"] = "dir"
-    path: Annotated[str, Field(max_length=4096, json_schema_extra={"pattern": _ABS_PATH_PATTERN})]
+    path: AbsPath
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "pool")
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/") or "\0" in v:
-            raise ValueError("must be an absolute path")
-        return v
 
 
 class PoolInfo(BaseModel):
@@ -128,30 +134,8 @@ class CloneVolume(BaseModel):
     """Body of POST /v1/pools/{pool}/volumes/{name}/clone."""
 
     model_config = _strict()
-    target: Annotated[
-        str, Field(description="POOL/NAME of the new volume", json_schema_extra={"pattern": VOLUME_KEY_PATTERN})
-    ]
+    target: VolumeKey  # the new volume
     linked: bool = False
-
-    @field_validator("target")
-    @classmethod
-    def _target(cls, v: str) -> str:
-        split_volume(v)
-        return v
-
-
-class ImportVolume(BaseModel):
-    """Body of POST /v1/pools/{pool}/volumes/{name}/import: copy a file the daemon can read (on its host)."""
-
-    model_config = _strict()
-    path: Annotated[str, Field(max_length=4096, json_schema_extra={"pattern": _ABS_PATH_PATTERN})]
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not v.startswith("/") or "\0" in v:
-            raise ValueError("must be an absolute path")
-        return v
 
 
 class BackingInfo(BaseModel):

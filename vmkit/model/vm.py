@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vmkit.model.names import NAME_PATTERN, check_name, valid_name
-from vmkit.model.storage import IMAGE_REF_PATTERN, VOLUME_KEY_PATTERN, DiskFormat, Prealloc, SizeBytes, split_volume
+from vmkit.model.storage import IMAGE_REF_PATTERN, AbsPath, DiskFormat, Prealloc, SizeBytes, VolumeKey, split_volume
 
 __all__ = ["NAME_PATTERN", "check_name", "valid_name"]  # the name rule, re-exported for older imports
 
@@ -155,9 +155,6 @@ class SetVm(Limits):
     disks: Annotated[list[DiskLimits], Field(max_length=64)] = Field(default_factory=list)
 
 
-_ABS_PATH_PATTERN = r"^/[^\x00]*$"
-
-
 def _check_volume_key(v: str | None) -> str | None:
     if v is not None:
         split_volume(v)
@@ -170,20 +167,12 @@ class DiskRequest(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     size_bytes: SizeBytes | None = None
-    volume: Annotated[
-        str | None,
-        Field(description="POOL/NAME of an existing volume", json_schema_extra={"pattern": VOLUME_KEY_PATTERN}),
-    ] = None
+    volume: VolumeKey | None = None  # an existing volume
     pool: Annotated[str | None, Field(json_schema_extra={"pattern": NAME_PATTERN})] = None
     format: DiskFormat = "qcow2"
     prealloc: Prealloc = "off"
     iops_total: Iops | None = None
     bps_total: Bps | None = None
-
-    @field_validator("volume")
-    @classmethod
-    def _volume(cls, v: str | None) -> str | None:
-        return _check_volume_key(v)
 
     @field_validator("pool")
     @classmethod
@@ -204,14 +193,8 @@ class AttachDisk(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    volume: Annotated[str, Field(description="POOL/NAME", json_schema_extra={"pattern": VOLUME_KEY_PATTERN})]
+    volume: VolumeKey
     readonly: bool = False
-
-    @field_validator("volume")
-    @classmethod
-    def _volume(cls, v: str) -> str:
-        split_volume(v)
-        return v
 
 
 class ChangeMedia(_Strict):
@@ -248,8 +231,8 @@ class CreateVm(_Strict):
             json_schema_extra={"pattern": IMAGE_REF_PATTERN},
         ),
     ] = None
-    kernel: Annotated[str | None, Field(json_schema_extra={"pattern": _ABS_PATH_PATTERN})] = None
-    initrd: Annotated[str | None, Field(json_schema_extra={"pattern": _ABS_PATH_PATTERN})] = None
+    kernel: AbsPath | None = None
+    initrd: AbsPath | None = None
     cmdline: Annotated[str | None, Field(max_length=4096, json_schema_extra={"pattern": r"^[^\x00\n]*$"})] = None
     disk_size_bytes: Annotated[int | None, Field(gt=0, le=64 * 1024**4)] = None
     # Install media: POOL/NAME of an ISO volume, or an install-media image's name; read-only, booted first.
@@ -286,13 +269,6 @@ class CreateVm(_Strict):
         if v is None:
             return v
         return _check_volume_key(v) if "/" in v else check_name(v, "image")
-
-    @field_validator("kernel", "initrd")
-    @classmethod
-    def _abs_path(cls, v: str | None) -> str | None:
-        if v is not None and (not v.startswith("/") or "\0" in v):
-            raise ValueError("must be an absolute path")
-        return v
 
     @field_validator("cmdline")
     @classmethod
