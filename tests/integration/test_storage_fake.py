@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -323,3 +324,20 @@ def test_crash_leftovers_are_cleaned(fake_daemon: Daemon) -> None:
     v = j(d, "volume", "info", "default/keep.qcow2")
     assert v["format"] == "raw" and v["path"] == keep["path"]
     assert Path(v["path"]).read_bytes()[:4] != b"QFI\xfb"
+
+
+def test_daemon_killed_during_a_convert(fake_daemon: Daemon) -> None:
+    d = fake_daemon
+    v = j(d, "volume", "create", "default/big.raw", "--size", "768M", "--format", "raw")
+    qemu_io(v["path"], "raw", "write -P 0x66 0 512M")
+    d.api.post("/v1/pools/default/volumes/big.raw/convert", {"format": "qcow2", "prealloc": "full"})
+    pool = d.state_dir / "pools" / "default"
+    deadline = time.monotonic() + 20
+    while not any(f.startswith(".vmkit-tmp.") for f in os.listdir(pool)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    d.kill9()  # mid-convert: the new copy is half-written
+    d.start()
+    assert os.listdir(pool) == ["big.raw"]
+    v2 = j(d, "volume", "info", "default/big.raw")
+    assert v2["format"] == "raw" and v2["capacity_bytes"] == 768 * MiB
+    qemu_io(v2["path"], "raw", "read -P 0x66 0 512M")

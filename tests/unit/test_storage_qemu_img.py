@@ -14,7 +14,7 @@ from tests.unit.test_storage_files import MiB, small_tmpfs, sparse_file
 from vmkit.errors import CommandFailed, Conflict, NoSpace
 from vmkit.storage import files, qemu_img
 from vmkit.storage.qemu_img import ImageInfo
-from vmkit.util.proc import run_streaming
+from vmkit.util.proc import Result, run_streaming
 
 
 def qemu_io(path: Path, fmt: str, *commands: str) -> None:
@@ -208,6 +208,25 @@ def test_convert_flattens_the_chain(tmp_path: Path) -> None:
     assert flat.backing_file is None
     assert qemu_img.compare(top, "qcow2", tmp_path / "flat", "qcow2")
     assert not qemu_img.compare(base, "qcow2", tmp_path / "flat", "qcow2")
+
+
+def test_convert_falls_back_to_the_page_cache_without_o_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert writes with O_DIRECT (-t none); on a filesystem that refuses it, it runs again without."""
+    real_run, calls = qemu_img.run, []
+
+    def run(argv: list[str], **kwargs: object) -> Result:
+        calls.append(argv)
+        if "-t" in argv:
+            Path(argv[-1]).write_bytes(b"")  # qemu-img creates the file before opening it with O_DIRECT
+            msg = f"qemu-img: Could not open '{argv[-1]}': filesystem does not support O_DIRECT\n"
+            return Result(tuple(argv), 1, "", msg, 0.0)
+        return real_run(argv, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qemu_img, "run", run)
+    src = sparse_file(tmp_path / "src", MiB, [0])
+    qemu_img.convert(src, "raw", tmp_path / "dst", "qcow2")
+    assert [("-t" in c) for c in calls] == [True, False]
+    assert qemu_img.compare(src, "raw", tmp_path / "dst", "qcow2")
 
 
 def test_convert_refuses_invalid_and_existing_targets(tmp_path: Path) -> None:

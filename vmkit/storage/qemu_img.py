@@ -29,6 +29,9 @@ QEMU_IMG = "qemu-img"
 DISK_FORMATS = ("raw", "qcow2")
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 _ENV = {"LC_ALL": "C"}  # qemu-img's error texts come from strerror(), which follows the locale
+# qemu-img dies with the daemon: one left running after a kill -9 would go on writing a file the next start
+# removes, and hold the image's lock meanwhile. (setpriv execs it in place; the signal survives the exec.)
+_DIE_WITH_DAEMON = ("setpriv", "--pdeathsig", "KILL", "--")
 _ENOSPC_TEXT = "No space left on device"
 # qemu-img info and check parse images that may come from anywhere: a crafted qcow2 can make them use huge
 # amounts of memory or CPU (CVE-2015-5162), so they run under limits. info reads headers only: 1 GiB of address
@@ -37,10 +40,13 @@ _ENOSPC_TEXT = "No space left on device"
 _INFO_LIMITS = ["prlimit", f"--as={1024**3}", "--cpu=30", "--"]
 _CHECK_LIMITS = ["prlimit", f"--as={4 * 1024**3}", "--"]
 _INFO_TIMEOUT_S = 60
-# convert: -W lets writes land out of order, -m 16 keeps 16 requests in flight (the default 8 in order is
-# several times slower for raw targets); -S 4k skips writing runs of zeros of 4 KiB and more, so holes and
-# zeroed ranges of the source stay holes in the copy.
+# convert: -W lets writes land out of order and -m 16 keeps 16 requests in flight, so a slow device always
+# has work queued; -S 4k skips writing runs of zeros of 4 KiB and more, so holes and zeroed ranges of the
+# source stay holes in the copy. -t none writes the target with O_DIRECT: through the page cache (qemu-img's
+# default), 16 writers on one file contend for its lock in the kernel and a 1 GiB clone often takes 3x as long
+# with the CPU busy in sys (bench/storage.py); O_DIRECT is steady, and leaves little for the final fsync.
 _CONVERT_TUNING = ["-W", "-m", "16", "-S", "4k"]
+_NO_O_DIRECT = "does not support O_DIRECT"  # qemu-img's words when the target's filesystem refuses it
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -119,7 +125,7 @@ def _raise_for(result: Result, target: Path) -> None:
 
 def _qemu_img(args: Sequence[str], target: Path, *, timeout_s: float | None = 600, limits: bool = False) -> Result:
     argv = [*(_INFO_LIMITS if limits else []), QEMU_IMG, *args]
-    result = run(argv, check=False, env=_ENV, timeout_s=timeout_s)
+    result = run([*_DIE_WITH_DAEMON, *argv], check=False, env=_ENV, timeout_s=timeout_s)
     _raise_for(result, target)
     return result
 
@@ -286,14 +292,21 @@ def convert(
         args += ["-o", f"preallocation={prealloc}"]
     if progress is not None:
         args.append("-p")
-    args += [_arg(src), _arg(dst)]
+    paths = [_arg(src), _arg(dst)]
     _refuse_existing(dst)
     try:
-        # As long as the data takes to copy: no time limit.
-        if progress is None:
-            result = run([QEMU_IMG, *args], check=False, env=_ENV, timeout_s=None)
-        else:
-            result = run_streaming([QEMU_IMG, *args], on_output=_progress_reader(progress), check=False, env=_ENV)
+        for cache in (["-t", "none"], []):  # the page cache only where the filesystem has no O_DIRECT
+            argv = [QEMU_IMG, *args, *cache, *paths]
+            # As long as the data takes to copy: no time limit.
+            if progress is None:
+                result = run([*_DIE_WITH_DAEMON, *argv], check=False, env=_ENV, timeout_s=None)
+            else:
+                result = run_streaming(
+                    [*_DIE_WITH_DAEMON, *argv], on_output=_progress_reader(progress), check=False, env=_ENV
+                )
+            if result.ok or _NO_O_DIRECT not in result.stderr:
+                break
+            dst.unlink(missing_ok=True)
         _raise_for(result, dst)
         _made(dst)
     except BaseException:
@@ -316,7 +329,7 @@ def check(path: Path, fmt: str) -> tuple[bool, str]:
     clean, like corruption (exit 2). Raw images have no metadata to check: always clean."""
     in_fmt = _read_fmt(fmt)
     argv = [*_CHECK_LIMITS, QEMU_IMG, "check", "-f", in_fmt, _arg(path)]
-    result = run(argv, check=False, env=_ENV, timeout_s=None)
+    result = run([*_DIE_WITH_DAEMON, *argv], check=False, env=_ENV, timeout_s=None)
     text = (result.stderr + result.stdout).strip()  # the ERROR lines come on stderr, the summary on stdout
     if result.returncode == 0:
         return True, text
@@ -331,7 +344,7 @@ def compare(a: Path, a_fmt: str, b: Path, b_fmt: str) -> bool:
     """Whether the two images hold the same guest-visible content (allocation and format aside; where sizes
     differ, the larger one's tail must be zeros)."""
     args = ["compare", "-U", "-q", "-f", _read_fmt(a_fmt), "-F", _read_fmt(b_fmt), _arg(a), _arg(b)]
-    result = run([QEMU_IMG, *args], check=False, env=_ENV, timeout_s=None)
+    result = run([*_DIE_WITH_DAEMON, QEMU_IMG, *args], check=False, env=_ENV, timeout_s=None)
     if result.returncode in (0, 1):  # identical, different; 2 and up are errors
         return result.returncode == 0
     raise _failure(result, a)
