@@ -18,6 +18,10 @@ class InvalidInput(VmkitError):
     status = 400
 
 
+class Forbidden(VmkitError):
+    status = 403
+
+
 class NotFound(VmkitError):
     status = 404
 

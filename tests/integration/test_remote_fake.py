@@ -4,8 +4,11 @@ certificate. The UNIX socket stays token-free throughout."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +191,22 @@ def test_sigterm_stops_both_listeners(tls: Daemon) -> None:
     with pytest.raises(ApiError):
         _remote(tls, secret, fp).get("/v1")
     assert "Traceback" not in (tls.root / "daemon.log").read_text()
+
+
+def test_volumes_over_tcp_are_uploaded_never_read_by_path(plain: Daemon, tmp_path: Path) -> None:
+    secret = _token(plain, "ops")
+    remote = _remote(plain, secret)
+    # A token holder cannot make the daemon read a file of its host.
+    assert _status(remote, "POST", "/v1/pools/default/volumes/shadow/import", {"path": "/etc/shadow"}) == 403
+    assert plain.api.get("/v1/volumes?pool=default") == []
+    # The CLI given --url sends the file itself, streamed; it comes back byte for byte.
+    src = tmp_path / "disk.img"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 512))
+    env = {"VMKIT_URL": plain.url, "VMKIT_TOKEN": secret}  # type: ignore[attr-defined]
+    out = subprocess.run([sys.executable, "-m", "vmkit", "volume", "import", "default/disk.img", str(src), "--json"],
+                         env={**plain.env, **env}, capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(out.stdout)["format"] == "raw"
+    back = tmp_path / "back.img"
+    subprocess.run([sys.executable, "-m", "vmkit", "volume", "export", "default/disk.img", str(back)],
+                   env={**plain.env, **env}, check=True, capture_output=True)  # fmt: skip
+    assert back.read_bytes() == src.read_bytes()

@@ -81,6 +81,11 @@ def _same_origin(scope: Scope) -> bool:
     return hmac.compare_digest(urlsplit(origin).netloc.lower().encode(), host.lower().encode())
 
 
+def is_remote(scope: Scope) -> bool:
+    """Whether the request came over the TCP listener (it passed TokenAuth), not the local UNIX socket."""
+    return AUTH_SCOPE_KEY in scope.get("state", {})
+
+
 class TokenAuth:
     def __init__(self, app: ASGIApp, auth: TokenService, sessions: Sessions | None = None) -> None:
         self.app = app

@@ -13,11 +13,20 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import AfterValidator, BaseModel
 
+from vmkit.api.auth import is_remote
 from vmkit.api.deps import Services, services
 from vmkit.api.pools import PoolName
-from vmkit.errors import Conflict, InvalidInput
+from vmkit.errors import Conflict, Forbidden, InvalidInput
 from vmkit.model.names import NAME_PATTERN, check_name
-from vmkit.model.storage import CloneVolume, ConvertVolume, CreateVolume, ResizeVolume, VolumeInfo, split_volume
+from vmkit.model.storage import (
+    CloneVolume,
+    ConvertVolume,
+    CreateVolume,
+    ImportVolume,
+    ResizeVolume,
+    VolumeInfo,
+    split_volume,
+)
 from vmkit.services.operations import Progress
 
 router = APIRouter(prefix="/v1", tags=["storage"])
@@ -95,6 +104,17 @@ async def clone_volume(pool: PoolName, name: VolName, req: CloneVolume, svc: Svc
     svc.volumes.row(key)
     svc.volumes.check_free(*split_volume(req.target))
     return _operation(svc, "volume-clone", lambda p: svc.volumes.clone(key, req, p))
+
+
+@router.post("/pools/{pool}/volumes/{name}/import", status_code=202)
+async def import_volume(pool: PoolName, name: VolName, req: ImportVolume, svc: Svc, request: Request) -> JSONResponse:
+    """Copy an image file of the daemon's host into a new volume (sparse, at the speed of cp); its format is
+    detected once, here. Only over the local UNIX socket: over TCP, upload the file (PUT …/upload)."""
+    if is_remote(request.scope):
+        raise Forbidden("import by path is only for local callers: upload the file instead (PUT …/upload)")
+    svc.volumes.check_free(pool, name)
+    size = svc.volumes.check_import_source(pool, req.path)
+    return _operation(svc, "volume-import", lambda p: svc.volumes.import_file(pool, name, req.path, size, p))
 
 
 @router.put(

@@ -123,7 +123,8 @@ def _show_vm(vm: dict[str, Any], as_json: bool) -> None:
             ("Autostart", "on" if vm["autostart"] else "off"),
             ("PID", vm.get("pid")),
             ("Guest agent", "connected" if vm.get("agent") else "not connected"),
-            ("Disks", ", ".join(f"{d['path']} ({d['format']})" for d in vm.get("disks", []))),
+            ("Disks", ", ".join(f"{d['name']}: {d.get('volume') or d['path']} ({d['format']})" for d in vm["disks"])),
+            ("CD-ROMs", ", ".join(f"{c['name']}: {c.get('volume') or c.get('path') or 'empty'}" for c in vm["cdroms"])),
             ("NICs", ", ".join(f"{n['kind']} {n['mac']}" for n in vm.get("nics", []))),
             ("Kernel", vm.get("kernel")),
             ("Cmdline", vm.get("cmdline")),
@@ -226,9 +227,8 @@ def vm_set(c: Client, a: argparse.Namespace) -> int:
 
 
 def _iso_source(c: Client, text: str) -> str:
-    """--iso: a volume (POOL/NAME) or an install-media image's name as they are; a local file is first uploaded
-    into pool `images` (once: a volume of the same name and size is reused), since the daemon never opens a
-    path a client names."""
+    """--iso: a volume (POOL/NAME) or an install-media image's name as they are; a local file is first imported
+    into pool `images` (once: a volume of the same name and size is reused), so that it has a home."""
     if not os.path.isfile(text):
         return text
     name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(text)).lstrip("._-")[:63] or "install.iso"
@@ -245,10 +245,9 @@ def _iso_source(c: Client, text: str) -> str:
                            "(vmkit volume import images/NAME FILE) and give --iso images/NAME")  # fmt: skip
         sys.stderr.write(f"using volume images/{name} (already imported)\n")
         return f"images/{name}"
-    with open(text, "rb") as f:
-        bar = ProgressBar(f"importing {name}")
-        c.upload(f"/v1/pools/images/volumes/{quote(name)}/upload", f, size, lambda x: bar.update(x, ""))
-        bar.done()
+    from vmkit.cli.volumes import import_file
+
+    import_file(c, f"images/{name}", text, False)
     return f"images/{name}"
 
 

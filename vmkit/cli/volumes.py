@@ -128,20 +128,30 @@ def volume_clone(c: Client, a: argparse.Namespace) -> int:
     return _done(a, vol, f"volume {vol['key']} created: {kind}")
 
 
-def volume_import(c: Client, a: argparse.Namespace) -> int:
-    from vmkit.cli.main import CliError
+def import_file(c: Client, key: str, path: str, quiet: bool) -> dict[str, Any]:
+    """Make volume POOL/NAME from a local file: a daemon on this host copies it itself (sparse, at cp's speed);
+    a remote one is sent the file, streamed."""
+    from vmkit.cli.main import CliError, wait_operation
 
-    _key(a.volume)
     try:
-        f = open(a.file, "rb")  # noqa: SIM115 - closed below
+        f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as e:
-        raise CliError(f"cannot read {a.file}: {e.strerror}") from None
+        raise CliError(f"cannot read {path}: {e.strerror}") from None
+    label = f"importing {os.path.basename(path)}"
     with f:
+        if c.url is None:
+            res = c.post(_url(key, "import"), {"path": os.path.abspath(path)})
+            return dict(wait_operation(c, res["operation"], label, quiet)["result"])
         size = os.fstat(f.fileno()).st_size
-        bar = None if a.json else ProgressBar(f"importing {os.path.basename(a.file)}")
-        vol = c.upload(_url(a.volume, "upload"), f, size, (lambda x: bar.update(x, "")) if bar else None)
+        bar = None if quiet else ProgressBar(label)
+        vol = c.upload(_url(key, "upload"), f, size, (lambda x: bar.update(x, "")) if bar else None)
         if bar:
             bar.done()
+        return dict(vol)
+
+
+def volume_import(c: Client, a: argparse.Namespace) -> int:
+    vol = import_file(c, a.volume, a.file, a.json)
     return _done(a, vol, f"volume {vol['key']} imported ({vol['format']}, {human_size(vol['capacity_bytes'])})")
 
 
@@ -198,7 +208,7 @@ def add_parsers(nouns: Any, add: Any) -> None:
     sp.add_argument("source", metavar="POOL/NAME")
     sp.add_argument("target", metavar="[POOL/]NEW")
     sp.add_argument("--linked", action="store_true", help="a thin overlay backed by the source (instant)")
-    sp = add(vol, "import", volume_import, "upload a local image file (raw, qcow2 or ISO) as a new volume")
+    sp = add(vol, "import", volume_import, "copy a local image file (raw, qcow2 or ISO) into a new volume")
     sp.add_argument("volume", metavar="POOL/NAME")
     sp.add_argument("file", metavar="FILE")
     sp = add(vol, "export", volume_export, "download a volume into a local file (sparse)")

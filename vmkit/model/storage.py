@@ -138,6 +138,14 @@ class CloneVolume(BaseModel):
     linked: bool = False
 
 
+class ImportVolume(BaseModel):
+    """Body of POST /v1/pools/{pool}/volumes/{name}/import: copy a file of the daemon's host (local callers
+    only: the UNIX socket's users may reach every file anyway, as libvirt's group may; TCP callers upload)."""
+
+    model_config = _strict()
+    path: AbsPath
+
+
 class BackingInfo(BaseModel):
     """One image of a volume's backing chain, like one entry of `qemu-img info --backing-chain`."""
 

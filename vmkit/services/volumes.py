@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -359,6 +360,38 @@ class VolumeService:
         with self._reserve(pool, name, fmt=fmt, prealloc="off", backing=None) as (tmp, _):
             await asyncio.to_thread(files.copy_file, src, tmp)
             os.chmod(tmp, mode)
+        return self.info(f"{pool}/{name}")
+
+    def check_import_source(self, pool: str, path: str) -> int:
+        """The size of the regular file at path, refused up front (400/404/507) when it cannot be imported."""
+        real = os.path.realpath(path)
+        if real.startswith(("/proc/", "/sys/", "/dev/")):
+            raise InvalidInput(f"{path} is not an image file")
+        try:
+            st = os.stat(real)
+        except OSError as e:
+            raise NotFound(f"cannot read {path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{path} is not a regular file")
+        _, available = files.fs_space(self._pools.dir(pool))
+        if st.st_blocks * 512 > available:
+            raise NoSpace(
+                f"not enough space in pool {pool!r}: {available} bytes free, {path} takes {st.st_blocks * 512}"
+            )
+        return st.st_size
+
+    async def import_file(
+        self, pool: str, name: str, path: str, size: int, progress: Progress = _no_progress
+    ) -> VolumeInfo:
+        """Copy the host file at path into a new volume (holes kept). Its format is detected once, here."""
+        with self._reserve(pool, name, fmt="raw", prealloc="off", backing=None) as (tmp, _):
+
+            def report(f: float) -> None:
+                progress(f, f"copying {os.path.basename(path)}")
+
+            await asyncio.to_thread(files.copy_file, Path(os.path.realpath(path)), tmp, progress=report)
+            fmt = await asyncio.to_thread(self._check_new_image, tmp)
+            self._store.update_volume(pool, name, format=fmt, backing=self._backing_key(tmp, fmt))
         return self.info(f"{pool}/{name}")
 
     async def upload(self, pool: str, name: str, chunks: AsyncIterator[bytes], length: int | None) -> VolumeInfo:
