@@ -54,7 +54,8 @@ _daemons = itertools.count()
 
 def unique_id_range(size: int = 256) -> str:
     """An id range no other test daemon (of this or a parallel session) is using."""
-    first = 1_950_000_000 + ((os.getpid() % 4096) * 64 + next(_daemons) % 64) * size
+    # 1024 daemons per session (a test suite starts ~100), 256 sessions side by side; below 2**31.
+    first = 1_950_000_000 + ((os.getpid() % 256) * 1024 + next(_daemons) % 1024) * size
     return f"{first}:{size}"
 
 

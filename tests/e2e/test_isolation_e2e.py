@@ -202,7 +202,7 @@ def test_iops_limit_shows_in_query_block_and_slows_the_guest(daemon: Daemon) -> 
         (["vm", "create", "x", "--memory", "256", "--memory-max", "128"], "below the guest's memory_mib"),
         (["vm", "create", "x", "--disk", "1G,iops=0"], "iops_total"),
         (["vm", "create", "x", "--disk", "1G,iops=lots"], "invalid iops"),
-        (["vm", "create", "x", "--disk", "iops=10"], "need a disk"),
+        (["vm", "create", "x", "--disk", "iops=10"], "needs a SIZE"),
         (["vm", "create", "x", "--disk", "1G,colour=red"], "unknown disk option"),
         (["vm", "set", "keep", "--cpu-max", "-3"], "cpu_max_percent"),
         (["vm", "set", "keep", "--disk", "disk7,iops=5"], "has no disk 'disk7'"),

@@ -56,7 +56,8 @@ def test_disk_is_an_overlay_never_the_image(daemon: Daemon) -> None:
     vm = boot(d, "ovl")
     d.cli("vm", "wait", "ovl", "--for", "agent")
     disk = vm["disks"][0]["path"]
-    assert disk != image["disk"] and Path(disk).is_relative_to(d.state_dir / "vms" / "ovl")
+    assert disk != image["disk"] and Path(disk).is_relative_to(d.state_dir / "pools" / "default")
+    assert vm["disks"][0]["volume"] == "default/ovl-disk0.qcow2"
     res = _exec(d, "ovl", "sh", "-c", "echo vmkit-was-here | dd of=/dev/vda bs=512 count=1 conv=fsync 2>/dev/null; "
                 "dd if=/dev/vda bs=16 count=1 2>/dev/null")  # fmt: skip
     assert res["stdout"].startswith("vmkit-was-here"), res

@@ -997,7 +997,11 @@ def _build(cache_dir: Path, version: str, key: str, files: Mapping[str, bytes], 
             "installer_modules": install_modules,
         }
         (out / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(out, 0o755)  # mkdtemp-style 0700 would hide the image from a QEMU running as another user
+        # World-readable whatever the builder's umask (the daemon's is 077), like the Debian packages they come
+        # from: a QEMU running as another user may open them (the daemon copies them into pools anyway).
+        os.chmod(out, 0o755)
+        for f in out.iterdir():
+            os.chmod(f, 0o644)
         if final.exists():
             # Only possible if someone removed files from a finished image; never overwrite it blindly,
             # VMs may still use its disk as a backing file.
