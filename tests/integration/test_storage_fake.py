@@ -341,3 +341,29 @@ def test_daemon_killed_during_a_convert(fake_daemon: Daemon) -> None:
     v2 = j(d, "volume", "info", "default/big.raw")
     assert v2["format"] == "raw" and v2["capacity_bytes"] == 768 * MiB
     qemu_io(v2["path"], "raw", "read -P 0x66 0 512M")
+
+
+def test_a_late_unplug_is_finished(tmp_path: Path) -> None:
+    from tests.conftest import FAKE_QEMU
+
+    d = Daemon(tmp_path, {"VMKIT_QEMU": str(FAKE_QEMU), "FAKE_QEMU_UNPLUG_DELAY": "1.5"})
+    d.start()
+    try:
+        j(d, "volume", "create", "default/late.qcow2", "--size", "1M")
+        d.cli("vm", "create", "lu", "--no-nic", "--disk", "1M", "--start")
+        j(d, "vm", "attach-disk", "lu", "default/late.qcow2")
+        # The guest takes longer than we wait: 504, the disk still there, its removal pending…
+        assert "did not release" in fails(d, "vm", "detach-disk", "lu", "disk1", "--timeout", "0.3")
+        assert "disk1" in {x["name"] for x in j(d, "vm", "disks", "lu")}
+        # …and finished when the guest lets go.
+        deadline = time.monotonic() + 10
+        while "disk1" in {x["name"] for x in j(d, "vm", "disks", "lu")} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [x["name"] for x in j(d, "vm", "disks", "lu")] == ["disk0"]
+        assert j(d, "volume", "info", "default/late.qcow2")["used_by"] == []
+        # Paused, the guest cannot acknowledge: refused up front.
+        j(d, "vm", "attach-disk", "lu", "default/late.qcow2")
+        d.cli("vm", "pause", "lu")
+        assert "resume it first" in fails(d, "vm", "detach-disk", "lu", "disk1")
+    finally:
+        d.cleanup()

@@ -120,9 +120,11 @@ async def detach_disk(
     name: VmName,
     disk: Annotated[str, Path(description="the disk's name (disk1)", pattern=DISK_NAME_PATTERN)],
     svc: Svc,
+    timeout_s: Annotated[float, Query(gt=0, le=600, description="how long the guest may take to let go")] = 30.0,
 ) -> list[DiskInfo]:
-    """Detach a disk (the guest must let go of it while running); its volume is kept."""
-    return [DiskInfo.model_validate(d) for d in await svc.vmdisks.detach(name, disk)]
+    """Detach a disk (the guest must let go of it while running; 504 when it has not within timeout_s, and
+    then the disk goes as soon as it does); its volume is kept."""
+    return [DiskInfo.model_validate(d) for d in await svc.vmdisks.detach(name, disk, timeout_s=timeout_s)]
 
 
 @router.post("/{name}/media")

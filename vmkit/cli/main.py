@@ -289,7 +289,7 @@ def vm_detach_disk(c: Client, a: argparse.Namespace) -> int:
         if not found:
             raise CliError(f"{target} is not a disk of {a.name}")
         target = found[0]
-    disks = c.request("DELETE", _vm_url(a.name, f"disks/{quote(target)}"))
+    disks = c.request("DELETE", _vm_url(a.name, f"disks/{quote(target)}") + f"?timeout_s={a.timeout}")
     return emit(a, disks, f"{a.disk} detached from {a.name} (the volume is kept)")
 
 
@@ -680,6 +680,7 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp = add(vm, "detach-disk", vm_detach_disk, "detach a disk (hot-unplugged while running); the volume stays")
     sp.add_argument("name")
     sp.add_argument("disk", metavar="DISK|POOL/VOL")
+    sp.add_argument("--timeout", type=float, default=30.0, metavar="S", help="how long the guest may take to let go")
     sp = add(vm, "media", vm_media, "eject or insert a CD-ROM medium (also while running)")
     sp.add_argument("action", choices=["eject", "insert"])
     sp.add_argument("name")

@@ -8,6 +8,7 @@ it was. Files are opened by the daemon and handed over as descriptors (qemu/hand
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -18,11 +19,14 @@ from vmkit.qemu.handover import open_disk, open_medium
 from vmkit.services.vms import VmRuntime, VmService, _qmp
 from vmkit.services.volumes import VolumeService
 
+log = logging.getLogger(__name__)
+
 
 class VmDiskService:
     def __init__(self, *, vms: VmService, volumes: VolumeService) -> None:
         self._vms = vms
         self._volumes = volumes
+        vms.device_deleted = self._late_unplug
 
     def _live_monitor(self, vm: VmRuntime) -> Any:
         """The monitor when the change must also happen in QEMU now; None for a stopped VM."""
@@ -59,7 +63,9 @@ class VmDiskService:
             self._vms.save_spec(vm, vm.spec.model_copy(update={"disks": [*vm.spec.disks, disk]}))
         return await self._vms.disks(name)
 
-    async def detach(self, name: str, target: str) -> list[dict[str, Any]]:
+    async def detach(
+        self, name: str, target: str, *, timeout_s: float = hotplug.DETACH_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
         """Detach disk `target` (its node name, disk1, or its volume POOL/NAME). Its volume is kept."""
         vm = self._vms.runtime(name)
         async with vm.lock:
@@ -72,12 +78,37 @@ class VmDiskService:
                 if vm.state is VmState.PAUSED:
                     # The guest must acknowledge the unplug, and a paused one cannot.
                     raise Conflict(f"VM {name!r} is paused: resume it first, its guest must let go of {disk.name}")
-                await _qmp(hotplug.detach_disk(mon, disk.name))
-            self._vms.save_spec(vm, vm.spec.model_copy(update={"disks": [d for d in vm.spec.disks if d is not disk]}))
-            if disk.owned:
-                with contextlib.suppress(OSError):
-                    os.chown(disk.path, 0, 0)  # no VM's identity keeps a right on a volume it no longer has
+                try:
+                    await _qmp(hotplug.detach_disk(mon, disk.name, timeout_s=timeout_s))
+                except hotplug.UnplugTimeout:
+                    # The request stays pending in the guest; if it lets go later, _late_unplug finishes the job.
+                    vm.pending_detach.add(disk.name)
+                    raise
+            self._forget(vm, disk)
         return await self._vms.disks(name)
+
+    def _forget(self, vm: VmRuntime, disk: DiskSpec) -> None:
+        vm.pending_detach.discard(disk.name)
+        self._vms.save_spec(vm, vm.spec.model_copy(update={"disks": [d for d in vm.spec.disks if d is not disk]}))
+        if disk.owned:
+            with contextlib.suppress(OSError):
+                os.chown(disk.path, 0, 0)  # no VM's identity keeps a right on a volume it no longer has
+
+    async def _late_unplug(self, vm: VmRuntime, device: str) -> None:
+        """The guest acknowledged an unplug after detach_disk gave up waiting: drop the disk now."""
+        node = device.removesuffix("-dev")
+        if node not in vm.pending_detach:
+            return
+        async with vm.lock:
+            disk = vm.spec.disk(node)
+            if disk is None or vm.monitor is None:
+                return
+            try:
+                await hotplug.release_disk(vm.monitor, node)
+            except Exception as e:  # noqa: BLE001 - QEMU gone or refusing: the next start drops it anyway
+                log.warning("VM %s: releasing %s after a late unplug: %s", vm.spec.name, node, e)
+            self._forget(vm, disk)
+            log.info("VM %s: the guest let go of %s late; detached", vm.spec.name, node)
 
     async def change_media(self, name: str, req: ChangeMedia) -> list[dict[str, Any]]:
         """Insert a medium into CD-ROM drive req.drive, or eject it (source null). A stopped VM without that

@@ -19,7 +19,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,8 @@ class VmRuntime:
     reboot_pending: bool = False
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     console_busy: bool = False
+    # Disks whose unplug the guest has not acknowledged yet (services/vmdisks.py finishes it when it does).
+    pending_detach: set[str] = field(default_factory=set)
     # Set while _launch runs: a QEMU that exits before `cont` is reported by the launch as "failed", not as
     # a crash by the exit watcher.
     launching: bool = False
@@ -190,6 +192,8 @@ class VmService:
         self._run_dir = run_dir / "vms"
         self._image_lookup = image_lookup
         self._vms: dict[str, VmRuntime] = {}
+        # Set by services/vmdisks.py: a device the guest let go of (a disk unplug it acknowledged late).
+        self.device_deleted: Callable[[VmRuntime, str], Coroutine[Any, Any, None]] | None = None
         self._create_lock = asyncio.Lock()
         self._background = TaskSet()
         self._vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -470,6 +474,8 @@ class VmService:
         elif event == qmp.EV_VSERPORT_CHANGE and data.get("id") == "qga0":
             vm.agent = bool(data.get("open"))
             self._bus.publish("vm-agent", vm=vm.spec.name, connected=vm.agent)
+        elif event == qmp.EV_DEVICE_DELETED and self.device_deleted is not None:
+            self._background.spawn(self.device_deleted(vm, str(data.get("device") or "")))
 
     async def _quit(self, vm: VmRuntime, *, timeout_s: float = 1.0) -> None:
         """End QEMU: QMP quit, and SIGKILL if it has not exited within timeout_s."""
