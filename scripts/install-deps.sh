@@ -13,6 +13,7 @@ APT_PACKAGES=(
   dosfstools mtools                   # the boot disk's FAT partition, made inside an image file (no loop device)
   python3 python3-venv                # the daemon and CLI
   util-linux                          # setpriv: QEMU starts as its VM's own uid, without capabilities
+  dnsmasq-base nftables iproute2      # networks: DHCP/DNS per network, vmkit's own nft tables; tests use ip netns
   ca-certificates
   openssl                             # the TCP listener's self-signed TLS pair
   chromium                            # tests/ui only: the web UI driven by Playwright (never its own browser download)

@@ -62,8 +62,11 @@ def unique_id_range(size: int = 256) -> str:
 class Daemon:
     """One daemon with its own state dir, run dir and socket; restartable and killable."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None, *, netns: str | None = None) -> None:
         self.root = root
+        # A daemon in a network namespace of the test's (tests/netns.py) builds its bridges, taps, dnsmasq and
+        # nftables tables there; one outside makes no network at all (no `default` on the host's namespace).
+        self.netns = netns
         self.state_dir = root / "state"
         self.run_dir = root / "run"
         self.socket = root / "run" / "vmkit.sock"
@@ -76,6 +79,7 @@ class Daemon:
             "VMKIT_ID_RANGE": unique_id_range(),
             "VMKIT_ID_REGISTRY": str(ID_REGISTRY),
             "VMKIT_CGROUP_PARENT": CGROUP_PARENT,
+            "VMKIT_DEFAULT_NETWORK": "off",
             **(env or {}),
         }
         self.socket = Path(self.env["VMKIT_SOCKET"])
@@ -84,8 +88,9 @@ class Daemon:
 
     def start(self, timeout_s: float = 20.0) -> None:
         log = open(self.root / "daemon.log", "ab")  # noqa: SIM115 - owned by the child
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmkit", "daemon", "-v"],
+            [*prefix, sys.executable, "-m", "vmkit", "daemon", "-v"],
             env=self.env,
             stdout=log,
             stderr=log,

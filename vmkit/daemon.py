@@ -134,6 +134,7 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.auth import TokenService
     from vmkit.services.events import EventBus
     from vmkit.services.images import ImageService
+    from vmkit.services.networks import NetworkService
     from vmkit.services.operations import Operations
     from vmkit.services.pools import PoolService
     from vmkit.services.stats import StatsService
@@ -147,8 +148,10 @@ async def serve(cfg: DaemonConfig) -> None:
     # dirs): QEMU runs unprivileged and is handed descriptors, so it needs no rights on any of them.
     os.umask(0o077)
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # The run dir stays traversable so group `vmkit` can reach the API socket; each VM's dir inside is 0700.
-    cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    # The run dir stays traversable (0755 whatever the umask) so group `vmkit` can reach the API socket and
+    # dnsmasq, under its own user, its networks' files; each VM's dir inside is 0700.
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir.chmod(0o755)
     lock = open(cfg.state_dir / "daemon.lock", "w")  # noqa: SIM115 - held for the daemon's lifetime
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -198,6 +201,12 @@ async def serve(cfg: DaemonConfig) -> None:
     volumes = VolumeService(store=store, pools=pools)
     volumes.recover()
     images = ImageService(store=store, volumes=volumes, cache_dir=cfg.cache_dir)
+    # VMKIT_DEFAULT_NETWORK=off: no `default` network on first start (test daemons outside a network namespace).
+    networks = NetworkService(
+        store=store,
+        run_dir=cfg.run_dir,
+        default_network=os.environ.get("VMKIT_DEFAULT_NETWORK", "on") not in ("off", "0", "no"),
+    )
     vms = VmService(
         store=store,
         bus=bus,
@@ -208,8 +217,18 @@ async def serve(cfg: DaemonConfig) -> None:
         id_range=id_range,
         cgroups=cgroups,
         volumes=volumes,
+        networks=networks,
     )
     volumes.set_users(vms.volume_users, vms.volume_running_users)
+    networks.set_users(vms.network_users, vms.network_running_users, vms.network_hosts)
+    # Networks first: VMs still running from before need their bridges back (after a crash, say).
+    await networks.load()
+    try:
+        said = await networks.ensure_default()
+    except VmkitError as e:
+        said = f"network default not created: {e.message}"
+    if said:
+        log.warning(said) if "not" in said or "in use" in said else log.info(said)
     await vms.load()
     stats = StatsService(vms)
     stats.start()
@@ -225,6 +244,7 @@ async def serve(cfg: DaemonConfig) -> None:
         pools=pools,
         volumes=volumes,
         vmdisks=VmDiskService(vms=vms, volumes=volumes),
+        networks=networks,
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,
         state_dir=str(cfg.state_dir),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -31,6 +32,20 @@ KVM = HostConfig(qemu_binary="/usr/bin/qemu-system-x86_64", accelerator="kvm")
 
 SPECS = {
     "minimal": (VmSpec(name="web", uuid="00000000-0000-4000-8000-000000000001", memory_mib=512, vcpus=1), TCG),
+    "network-nics": (
+        VmSpec(
+            name="web",
+            uuid="00000000-0000-4000-8000-000000000009",
+            memory_mib=256,
+            vcpus=1,
+            nics=[
+                NicSpec(kind="network", network="default", mac="52:54:00:00:00:01"),
+                NicSpec(kind="network", network="lan", mac="52:54:00:00:00:02", model="e1000"),
+                NicSpec(mac="52:54:00:00:00:03"),
+            ],
+        ),
+        TCG,
+    ),
     "demo": (
         VmSpec(
             name="web",
@@ -122,7 +137,8 @@ def handover(spec: VmSpec, qmp: int = 3) -> HandOver:
     )
     kernel = (10, 11) if spec.kernel else (None, None)
     cdroms = tuple(None if cd.path is None else 30 + k for k, cd in enumerate(spec.cdroms))
-    return HandOver(qmp, 4, 5, 6, kernel[0], kernel[1] if spec.initrd else None, disks, cdroms)
+    taps = tuple(40 + k if nic.kind == "network" else None for k, nic in enumerate(spec.nics))
+    return HandOver(qmp, 4, 5, 6, kernel[0], kernel[1] if spec.initrd else None, disks, cdroms, taps)
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))
@@ -276,3 +292,12 @@ def test_option_builders_are_shared_with_qmp() -> None:
     assert all(b["read-only"] is True for b in ro) and not any("discard" in b for b in ro)
     with pytest.raises(ValueError, match="node name"):
         disk_blockdevs(DiskSpec(path="/x", format="raw"), "/dev/fdset/1")
+
+
+def test_a_nic_and_its_tap_must_match() -> None:
+    spec, host = SPECS["network-nics"]
+    fds = handover(spec)
+    with pytest.raises(ValueError, match="one tap"):
+        qemu_argv(spec, PATHS, host, dataclasses.replace(fds, nics=fds.nics[:2]))
+    with pytest.raises(ValueError, match="needs its tap"):
+        qemu_argv(spec, PATHS, host, dataclasses.replace(fds, nics=(None, 41, None)))

@@ -42,7 +42,7 @@ def test_v2_database_is_migrated(tmp_path: Path) -> None:
     assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'tokens'").fetchone() is None
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "4"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
     assert {r.spec.name: r.uid for r in store.vms()} == {"old": 1_900_000_005, "oldrun": None}
     assert store.tokens() == []
     store.add_token(TokenRow("ci", "00" * 32, True, 1.0, None))
@@ -61,7 +61,8 @@ def test_v3_database_gets_pools_and_volumes(tmp_path: Path) -> None:
     con.commit()
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == "4" and store.pools() == [] and store.volumes() == []
+    assert store.get_meta("schema_version") == "5" and store.pools() == [] and store.volumes() == []
+    assert store.networks() == []
     store.add_pool("default", "dir", str(tmp_path))
     store.add_volume(VolumeRow("default", "a.qcow2", "qcow2", "off", None, "ready", 1.0))
     with store.transaction():

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmkit import __version__
-from vmkit.api import consoles, images, metrics, pools, system, tokens, ui, vms, volumes
+from vmkit.api import consoles, images, metrics, networks, pools, system, tokens, ui, vms, volumes
 from vmkit.api.deps import STOPPING_MESSAGE, Services
 from vmkit.errors import VmkitError
 
@@ -126,6 +126,7 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(consoles.router)
     app.include_router(images.router)
     app.include_router(pools.router)
+    app.include_router(networks.router)
     app.include_router(volumes.router)
     app.include_router(metrics.router)
     app.include_router(tokens.router)

@@ -14,6 +14,7 @@ from vmkit.qemu.argv import HostConfig
 from vmkit.services.auth import TokenService
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
+from vmkit.services.networks import NetworkService
 from vmkit.services.operations import Operations
 from vmkit.services.pools import PoolService
 from vmkit.services.sessions import Sessions
@@ -36,6 +37,7 @@ class Services:
     pools: PoolService
     volumes: VolumeService
     vmdisks: VmDiskService
+    networks: NetworkService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
     state_dir: str | None = None  # for the dashboard's disk usage

@@ -44,6 +44,12 @@ def _wait_word(v: str) -> str:
     return v
 
 
+def _source_word(v: str) -> str:
+    if v not in ("lease", "agent"):
+        raise ValueError("must be 'lease' or 'agent'")
+    return v
+
+
 class ShutdownRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
@@ -125,6 +131,20 @@ async def detach_disk(
     """Detach a disk (the guest must let go of it while running; 504 when it has not within timeout_s, and
     then the disk goes as soon as it does); its volume is kept."""
     return [DiskInfo.model_validate(d) for d in await svc.vmdisks.detach(name, disk, timeout_s=timeout_s)]
+
+
+@router.get("/{name}/ifaddr")
+async def vm_ifaddr(
+    name: VmName,
+    svc: Svc,
+    source: Annotated[
+        str,
+        Query(description="lease or agent", json_schema_extra={"enum": ["lease", "agent"]}),
+        AfterValidator(_source_word),
+    ] = "lease",  # fmt: skip
+) -> list[dict[str, str | None]]:
+    """The guest's addresses (virsh domifaddr): from its networks' DHCP leases, or from its guest agent."""
+    return await svc.vms.ifaddr(name, source=source)
 
 
 @router.post("/{name}/media")

@@ -190,6 +190,17 @@ def vm_create(c: Client, a: argparse.Namespace) -> int:
             body[key] = getattr(a, key)
     if a.iso is not None:
         body["iso"] = _iso_source(c, a.iso)
+    for text in a.network:
+        nic: dict[str, Any] = {}
+        for i, item in enumerate(text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep and i == 0:
+                nic["network"] = item
+            elif key in ("mac", "model"):
+                nic[key] = value
+            else:
+                raise CliError(f"unknown NIC option {item!r} (use NET,mac=52:54:00:…,model=virtio|e1000)")
+        body.setdefault("networks", []).append(nic)
     if a.copy:
         body["image_copy"] = True
     disks = [parse_disk_opts(d, first="size") for d in a.disk]
@@ -273,6 +284,18 @@ def vm_disks(c: Client, a: argparse.Namespace) -> int:
             for d in disks
         ],
     )  # fmt: skip
+    return 0
+
+
+def vm_ifaddr(c: Client, a: argparse.Namespace) -> int:
+    addrs = c.get(_vm_url(a.name, "ifaddr") + f"?source={a.source}")
+    if a.json:
+        print_json(addrs)
+        return 0
+    print_table(
+        ["interface", "mac", "address", "source"],
+        [[x.get("interface") or "-", x.get("mac") or "-", x["address"], x["source"]] for x in addrs],
+    )
     return 0
 
 
@@ -576,10 +599,11 @@ class _Skipped:
 
 
 VERBS = {
-    "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "list", "info", "start", "reboot",
+    "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "ifaddr", "list", "info", "start", "reboot",
            "pause", "resume", "destroy", "shutdown", "stop", "delete", "autostart", "wait", "log", "console", "exec"},
     "image": {"list", "demo"},
     "pool": {"list", "info", "create", "refresh", "delete"},
+    "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases"},
     "volume": {"list", "info", "create", "resize", "convert", "clone", "import", "export", "delete"},
     "host": {"check"},
     "token": {"create", "list", "revoke"},
@@ -661,6 +685,13 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
         metavar="SIZE|POOL/VOL[,format=F][,prealloc=P][,pool=P][,iops=N][,bps=N]",
         help="a new disk (e.g. 10G: qcow2, thin) or an existing volume; repeatable; iops/bps limit its I/O",
     )
+    sp.add_argument(
+        "--network",
+        action="append",
+        default=[],
+        metavar="NET[,mac=M][,model=virtio|e1000]",
+        help="a NIC on network NET (repeatable; 'user': QEMU's restricted user networking); default: 'default'",
+    )
     sp.add_argument("--no-nic", action="store_true", help="no network card")
     _limit_flags(sp, int)
     sp.add_argument("--autostart", action="store_true", help="start when the host boots")
@@ -673,6 +704,9 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     )
     sp = add(vm, "disks", vm_disks, "list a VM's drives with their volumes and I/O limits (like domblklist)")
     sp.add_argument("name")
+    sp = add(vm, "ifaddr", vm_ifaddr, "the guest's addresses, from DHCP leases or its agent (like domifaddr)")
+    sp.add_argument("name")
+    sp.add_argument("--source", choices=["lease", "agent"], default="lease")
     sp = add(vm, "attach-disk", vm_attach_disk, "attach a volume (hot-plugged while running)")
     sp.add_argument("name")
     sp.add_argument("volume", metavar="POOL/VOL")
@@ -729,10 +763,11 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
     sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
 
-    from vmkit.cli import pools, volumes
+    from vmkit.cli import networks, pools, volumes
 
     pools.add_parsers(nouns, add)
     volumes.add_parsers(nouns, add)
+    networks.add_parsers(nouns, add)
 
     sp = nouns.add_parser("events", help="follow VM state changes and operations as they happen")
     sp.set_defaults(fn=events)

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vmkit.model.names import NAME_PATTERN, check_name, valid_name
+from vmkit.model.network import NicRequest
 from vmkit.model.storage import IMAGE_REF_PATTERN, AbsPath, DiskFormat, Prealloc, SizeBytes, VolumeKey, split_volume
 
 __all__ = ["NAME_PATTERN", "check_name", "valid_name"]  # the name rule, re-exported for older imports
@@ -61,6 +62,7 @@ class _Strict(BaseModel):
 DISK_NAME_PATTERN = r"^disk[0-9]{1,3}$"
 CDROM_NAME_PATTERN = r"^cd[0-5]$"  # ide.0-ide.5 of q35's AHCI
 MAX_DISKS = 64
+MAX_NICS = 16
 MAX_CDROMS = 4  # q35's AHCI ports left after none are used for disks
 
 
@@ -90,10 +92,12 @@ class CdromSpec(_Strict):
 
 
 class NicSpec(_Strict):
-    # Only QEMU user-mode networking with restrict=on exists until vmkit networks land: the guest gets DHCP
-    # from QEMU itself and cannot reach the host or the outside world.
-    kind: Literal["user"] = "user"
+    # "user": QEMU user-mode networking with restrict=on (the guest gets DHCP from QEMU and reaches nothing);
+    # "network": a tap on a vmkit network's bridge (model/network.py).
+    kind: Literal["user", "network"] = "user"
+    network: str | None = None
     mac: Annotated[str, Field(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
+    model: Literal["virtio", "e1000"] = "virtio"
 
 
 class VmSpec(_Strict):
@@ -240,6 +244,8 @@ class CreateVm(_Strict):
     # With image POOL/NAME: an overlay on it (linked, the default) or a full copy.
     image_copy: bool = False
     disks: Annotated[list[DiskRequest], Field(max_length=MAX_DISKS)] = Field(default_factory=list)
+    # NICs; none given (and nic true): one on the `default` network when it exists, else user networking.
+    networks: Annotated[list[NicRequest], Field(max_length=MAX_NICS)] = Field(default_factory=list)
     nic: bool = True
     autostart: bool = False
     cpu_weight: CpuWeight | None = None

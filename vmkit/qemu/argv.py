@@ -214,6 +214,7 @@ class HandOver:
     initrd: int | None = None
     disks: tuple[DiskFds, ...] = ()  # one per disk, in the order of spec.disks
     cdroms: tuple[int | None, ...] = ()  # read-only medium per CD-ROM; None: an empty tray
+    nics: tuple[int | None, ...] = ()  # a tap (opened by the daemon, on its network's bridge) per NIC; None: user
 
     def all(self) -> list[int]:
         fds = [self.qmp, self.serial, self.qga, self.serial_log]
@@ -221,6 +222,7 @@ class HandOver:
         for d in self.disks:
             fds += [d.fd, *(fd for fd, _ in d.backing)]
         fds += [fd for fd in self.cdroms if fd is not None]
+        fds += [fd for fd in self.nics if fd is not None]
         return fds
 
 
@@ -313,11 +315,17 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver
         if k == 0:
             dev["bootindex"] = 1
         argv += ["-device", device_opts(dev)]
-    for i, nic in enumerate(spec.nics):
-        argv += [
-            "-netdev", f"user,id=net{i},restrict=on",
-            "-device", f"virtio-net-pci,netdev=net{i},id=net{i}-dev,mac={nic.mac}",
-        ]  # fmt: skip
+    taps = fds.nics or (None,) * len(spec.nics)
+    if len(taps) != len(spec.nics):
+        raise ValueError("one tap (or None) per NIC")
+    for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
+        if (nic.kind == "network") != (tap is not None):
+            raise ValueError(f"NIC {i}: a network NIC needs its tap, a user NIC none")
+        # A tap handed over open: QEMU never needs CAP_NET_ADMIN or a path of ours. vhost-net is missing here
+        # (and would need /dev/vhost-net opened for QEMU too).
+        netdev = f"tap,id=net{i},fd={tap},vhost=off" if tap is not None else f"user,id=net{i},restrict=on"
+        model = "virtio-net-pci" if nic.model == "virtio" else "e1000"
+        argv += ["-netdev", netdev, "-device", f"{model},netdev=net{i},id=net{i}-dev,mac={nic.mac}"]
     # -add-fd comes first so every /dev/fdset/N above exists when QEMU opens it.
     return [argv[0], *fdsets, *argv[1:]]
 

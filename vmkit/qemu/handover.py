@@ -58,6 +58,7 @@ def open_handover(
     uid: int,
     gid: int,
     format_of: Callable[[str], str | None] | None = None,
+    taps: tuple[int | None, ...] = (),
 ) -> Iterator[HandOver]:
     """Open everything QEMU inherits; the daemon's copies are closed on exit (after the spawn).
 
@@ -78,7 +79,8 @@ def open_handover(
         disks = [open_disk(stack, disk, uid, gid, format_of) for disk in spec.disks]
         # QEMU dups these through its fdsets, never reopens them by path: no ownership or mode is needed.
         cdroms = tuple(None if cd.path is None else _open(stack, cd.path, os.O_RDONLY) for cd in spec.cdroms)
-        yield HandOver(socks[0], socks[1], socks[2], log, kernel, initrd, tuple(disks), cdroms)
+        # Taps are opened by the network code (net/links.py), which needs CAP_NET_ADMIN; QEMU gets them as they are.
+        yield HandOver(socks[0], socks[1], socks[2], log, kernel, initrd, tuple(disks), cdroms, taps)
 
 
 def open_disk(

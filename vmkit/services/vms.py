@@ -27,8 +27,10 @@ from typing import Any
 from vmkit.errors import Conflict, InvalidInput, NotFound, Timeout, VmkitError
 from vmkit.host import identity
 from vmkit.host.cgroups import Cgroups, VmCgroup
+from vmkit.model.network import DEFAULT_NETWORK
 from vmkit.model.storage import DEFAULT_POOL, CloneVolume, CreateVolume, provisioning
 from vmkit.model.vm import CdromSpec, CreateVm, DiskSpec, NicSpec, SetVm, VmInfo, VmSpec, VmState
+from vmkit.net import links
 from vmkit.qemu import monitor as qmp
 from vmkit.qemu import process
 from vmkit.qemu.agent import Agent, ExecResult
@@ -36,6 +38,7 @@ from vmkit.qemu.argv import HostConfig, RuntimePaths, qemu_argv
 from vmkit.qemu.handover import open_handover
 from vmkit.services import limits
 from vmkit.services.events import EventBus
+from vmkit.services.networks import NetworkService, tap_name
 from vmkit.services.reverter import Reverter
 from vmkit.services.volumes import VolumeService
 from vmkit.store.db import Store
@@ -178,8 +181,10 @@ class VmService:
         id_range: identity.IdRange,
         cgroups: Cgroups,
         volumes: VolumeService,
+        networks: NetworkService,
     ) -> None:
         self._volumes = volumes
+        self._networks = networks
         self._ids = id_range
         self._cgroups = cgroups
         # /dev/kvm's group where KVM is used: QEMU's only supplementary group.
@@ -536,7 +541,7 @@ class VmService:
                     cmdline=cmdline,
                     disks=spec_disks,
                     cdroms=cdroms,
-                    nics=[NicSpec(mac=_mac())] if req.nic else [],
+                    nics=self._new_nics(req),
                     cpu_weight=req.cpu_weight,
                     cpu_max_percent=req.cpu_max_percent,
                     memory_max_mib=req.memory_max_mib,
@@ -548,7 +553,16 @@ class VmService:
             vm = VmRuntime(spec, req.autostart, VmState.SHUTOFF, None, paths, uid=uid)
             self._vms[spec.name] = vm
             self._bus.publish("vm-created", vm=spec.name)
-            return vm.info()
+        await self._nics_changed(spec)
+        return vm.info()
+
+    async def _nics_changed(self, spec: VmSpec) -> None:
+        """dnsmasq of each network the VM has a NIC on learns its MAC → name (DNS names of VMs)."""
+        for net in {n.network for n in spec.nics if n.network}:
+            try:
+                await self._networks.hosts_changed(net)
+            except VmkitError as e:
+                log.warning("network %s: %s", net, e.message)
 
     def cdrom(self, source: str, drive: str = "cd0") -> CdromSpec:
         """A CD-ROM holding `source`: a volume POOL/NAME (an ISO, or a raw image), or an install-media image."""
@@ -629,6 +643,91 @@ class VmService:
             )  # fmt: skip
         return disks
 
+    def _new_nics(self, req: CreateVm) -> list[NicSpec]:
+        """NICs of a new VM. None asked for: one on `default` when it exists (as virt-install does), else QEMU's
+        restricted user networking. MACs are unique on this host."""
+        taken = {n.mac for vm in self._vms.values() for n in vm.spec.nics}
+
+        def mac(given: str | None) -> str:
+            if given is not None and given in taken:
+                raise Conflict(f"MAC {given} is already used on this host")
+            new = given or _mac()
+            while new in taken:
+                new = _mac()
+            taken.add(new)
+            return new
+
+        if not req.nic:
+            if req.networks:
+                raise InvalidInput("nic false and networks given: choose one")
+            return []
+        if not req.networks:
+            if self._networks.exists(DEFAULT_NETWORK):
+                return [NicSpec(kind="network", network=DEFAULT_NETWORK, mac=mac(None))]
+            return [NicSpec(mac=mac(None))]
+        nics = []
+        for r in req.networks:
+            if r.network == "user":
+                nics.append(NicSpec(mac=mac(r.mac), model=r.model))
+                continue
+            if not self._networks.exists(r.network):
+                raise NotFound(f"no network named {r.network!r} (vmkit network list)")
+            nics.append(NicSpec(kind="network", network=r.network, mac=mac(r.mac), model=r.model))
+        return nics
+
+    def _open_taps(self, vm: VmRuntime, stack: contextlib.ExitStack) -> tuple[int | None, ...]:
+        """A tap per network NIC, on its network's bridge, open for QEMU (closed here once it has its copy)."""
+        fds: list[int | None] = []
+        for i, nic in enumerate(vm.spec.nics):
+            if nic.kind != "network" or nic.network is None:
+                fds.append(None)
+                continue
+            bridge = self._networks.bridge_for_start(nic.network)
+            fd = links.open_tap(tap_name(vm.spec.name, i, links.link_exists), bridge=bridge)
+            stack.callback(os.close, fd)
+            fds.append(fd)
+        return tuple(fds)
+
+    def network_users(self, name: str) -> list[str]:
+        return [vm.spec.name for vm in self.runtimes() if any(n.network == name for n in vm.spec.nics)]
+
+    def network_running_users(self, name: str) -> list[str]:
+        return [n for n in self.network_users(name) if self._vms[n].state.active or self._vms[n].proc is not None]
+
+    def network_hosts(self, name: str) -> list[tuple[str, str]]:
+        """(MAC, VM name) of every NIC on network `name`: dnsmasq names the leases after their VMs."""
+        return [(n.mac, vm.spec.name) for vm in self.runtimes() for n in vm.spec.nics if n.network == name]
+
+    async def ifaddr(self, name: str, *, source: str) -> list[dict[str, Any]]:
+        """The guest's addresses like `virsh domifaddr`: from the networks' DHCP leases, or from its agent."""
+        vm = self._get(name)
+        if source == "agent":
+            if vm.state is not VmState.RUNNING or not vm.agent:
+                raise Conflict(f"the guest agent of {name!r} is not connected")
+            async with vm.agent_lock:
+                agent = await Agent.connect(vm.paths.qga_sock)
+                try:
+                    ifaces = await agent.execute("guest-network-get-interfaces")
+                finally:
+                    await agent.close()
+            out = []
+            for iface in ifaces:
+                for a in iface.get("ip-addresses") or []:
+                    if iface.get("name") != "lo":
+                        out.append({"interface": iface.get("name"), "mac": iface.get("hardware-address"),
+                                    "address": f"{a.get('ip-address')}/{a.get('prefix')}",
+                                    "family": a.get("ip-address-type"), "source": "agent"})  # fmt: skip
+            return out
+        out = []
+        for i, nic in enumerate(vm.spec.nics):
+            if nic.network is None:
+                continue
+            for lease in self._networks.leases(nic.network):
+                if lease.mac == nic.mac:
+                    out.append({"interface": f"net{i}", "mac": nic.mac, "address": lease.ip, "family": "ipv4",
+                                "network": nic.network, "source": "lease"})  # fmt: skip
+        return out
+
     def volume_users(self, key: str) -> list[str]:
         """VMs whose disks or CD-ROMs are volume `key`."""
         return [
@@ -671,6 +770,7 @@ class VmService:
             shutil.rmtree(vm.paths.vm_dir, ignore_errors=True)
             shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
             self._bus.publish("vm-deleted", vm=name)
+        await self._nics_changed(vm.spec)
 
     async def set_limits(self, name: str, req: SetVm) -> VmInfo:
         """Change limits; a running VM gets them at once, a stopped one at its next start."""
@@ -782,7 +882,11 @@ class VmService:
             busy = [d.volume for d in vm.spec.disks if d.volume and self._volumes.busy(d.volume)]
             if busy:
                 raise Conflict(f"volume(s) {', '.join(busy)} are busy (an operation on them is running)")
-            with open_handover(vm.spec, paths, ident.uid, ident.gid, format_of=self._volumes.format_of) as fds:
+            with contextlib.ExitStack() as stack:
+                taps = await asyncio.to_thread(self._open_taps, vm, stack)  # netlink: off the event loop
+                fds = stack.enter_context(
+                    open_handover(vm.spec, paths, ident.uid, ident.gid, format_of=self._volumes.format_of, taps=taps)
+                )
                 argv = qemu_argv(vm.spec, paths, self._host, fds)
                 vm.proc, vm.popen = process.spawn(
                     argv,

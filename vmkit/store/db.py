@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmkit.model.network import NetworkSpec
 from vmkit.model.vm import VmSpec, VmState
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # API tokens for the TCP listener: only a SHA-256 of each secret is kept.
 _TOKENS_TABLE = """
@@ -48,6 +49,16 @@ CREATE TABLE IF NOT EXISTS volumes (
     PRIMARY KEY (pool, name)
 )"""
 
+# Networks: `active` is the state the user asked for (started or stopped), which the daemon restores at start.
+_NETWORKS_TABLE = """
+CREATE TABLE IF NOT EXISTS networks (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    autostart INTEGER NOT NULL,
+    active INTEGER NOT NULL,
+    created_at REAL NOT NULL
+)"""
+
 # The schema a fresh state dir gets; an older one is brought here by _MIGRATIONS, in order.
 _SCHEMA = (
     """
@@ -72,6 +83,8 @@ CREATE TABLE IF NOT EXISTS images (
     + ";\n"
     + _STORAGE_TABLES
     + ";\n"
+    + _NETWORKS_TABLE
+    + ";\n"
 )
 
 # version -> statements that bring the previous version to it. Each runs in one transaction with the
@@ -87,6 +100,8 @@ _MIGRATIONS: dict[int, list[str]] = {
     # 4: pools and volumes. The files of an earlier layout (STATE/vms/NAME/*.qcow2, STATE/images/…) are
     # moved into pools by services/upgrade.py at the next daemon start (meta 'layout').
     4: [stmt for stmt in _STORAGE_TABLES.split(";") if stmt.strip()],
+    # 5: networks (VMs made before keep their user-mode NICs).
+    5: [_NETWORKS_TABLE],
 }
 
 
@@ -265,6 +280,27 @@ class Store:
 
     def delete_volume(self, pool: str, name: str) -> None:
         self._db.execute("DELETE FROM volumes WHERE pool = ? AND name = ?", (pool, name))
+
+    # Networks
+    def add_network(self, spec: NetworkSpec, *, autostart: bool) -> None:
+        self._db.execute(
+            "INSERT INTO networks(name, spec, autostart, active, created_at) VALUES (?,?,?,?,?)",
+            (spec.name, spec.model_dump_json(), int(autostart), 0, time.time()),
+        )
+
+    def networks(self) -> list[tuple[NetworkSpec, bool, bool]]:
+        """(spec, autostart, active) of every network, by name."""
+        rows = self._db.execute("SELECT spec, autostart, active FROM networks ORDER BY name").fetchall()
+        return [(NetworkSpec.model_validate_json(s), bool(a), bool(ac)) for s, a, ac in rows]
+
+    def set_network_flags(self, name: str, *, autostart: bool | None = None, active: bool | None = None) -> None:
+        if autostart is not None:
+            self._db.execute("UPDATE networks SET autostart = ? WHERE name = ?", (int(autostart), name))
+        if active is not None:
+            self._db.execute("UPDATE networks SET active = ? WHERE name = ?", (int(active), name))
+
+    def delete_network(self, name: str) -> None:
+        self._db.execute("DELETE FROM networks WHERE name = ?", (name,))
 
     def transaction(self) -> _Transaction:
         """`with store.transaction():` — the statements inside commit together or not at all."""

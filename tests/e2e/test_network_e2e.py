@@ -1,0 +1,137 @@
+"""Networks on real QEMU, every piece inside network namespaces this module makes (tests/netns.py): the
+daemon runs in namespace `host`, so its bridges, taps, dnsmasq and nftables tables live there; `lan` is a
+simulated uplink (198.51.100.0/24, a documentation range) joined to `host` by a veth. Nothing reaches the
+machine's own namespace or any outside address."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import CACHE_DIR, Daemon
+from tests.e2e.guest import boot
+from tests.netns import Netns, namespaces, veth
+
+UPLINK_HOST, UPLINK_LAN = "198.51.100.2", "198.51.100.1"
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[tuple[Daemon, Netns, Netns]]:
+    with namespaces("host", "lan") as (host, lan):
+        veth(host, "uplink0", lan, "eth0")
+        host.run(["ip", "addr", "add", f"{UPLINK_HOST}/24", "dev", "uplink0"])
+        lan.run(["ip", "addr", "add", f"{UPLINK_LAN}/24", "dev", "eth0"])
+        host.run(["ip", "route", "add", "default", "via", UPLINK_LAN])
+        # dnsmasq drops to its own user and must reach its files in the daemon's run dir: the root must be
+        # traversable (pytest's own temp root is 0700).
+        root = Path(tempfile.mkdtemp(prefix="vmkit-net-"))
+        root.chmod(0o711)
+        d = Daemon(root, {"VMKIT_CACHE_DIR": str(CACHE_DIR)}, netns=host.name)
+        d.start()
+        try:
+            d.cli("image", "demo", timeout_s=900)
+            yield d, host, lan
+        finally:
+            d.cleanup()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def j(d: Daemon, *args: str) -> Any:
+    return json.loads(d.cli(*args, "--json").stdout)
+
+
+def sh(d: Daemon, vm: str, script: str, check: bool = True) -> Any:
+    res = d.cli("vm", "exec", vm, "--", "sh", "-c", script, check=check)
+    return res
+
+
+def lease_of(d: Daemon, vm: str, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        addrs = j(d, "vm", "ifaddr", vm)
+        if addrs:
+            return str(addrs[0]["address"])
+        time.sleep(0.3)
+    raise AssertionError(f"{vm}: no DHCP lease; serial: {d.cli('vm', 'log', vm).stdout[-800:]}")
+
+
+def pings(d: Daemon, vm: str, ip: str) -> bool:
+    return sh(d, vm, f"ping -c 1 -W 2 {ip} >/dev/null 2>&1", check=False).returncode == 0
+
+
+def test_isolated_networks(net: tuple[Daemon, Netns, Netns]) -> None:
+    d, host, _ = net
+    j(d, "network", "create", "iso1", "--mode", "isolated", "--subnet", "192.168.210.0/24")
+    j(d, "network", "create", "iso2", "--mode", "isolated", "--subnet", "192.168.211.0/24")
+    # Refused up front: an overlapping subnet, a bad CIDR, a bad name.
+    assert "overlaps" in d.cli("network", "create", "x", "--subnet", "192.168.210.128/25", check=False).stderr
+    assert d.cli("network", "create", "x", "--subnet", "300.1.2.0/24", check=False).returncode != 0
+    assert d.cli("network", "create", "../x", check=False).returncode != 0
+    for name, network in (("ia", "iso1"), ("ib", "iso1"), ("ic", "iso2")):
+        boot(d, name, "--network", network, wait=False)
+    for name in ("ia", "ib", "ic"):
+        d.cli("vm", "wait", name, "--for", "agent", "--timeout", "90")
+    a, b, c = (lease_of(d, n) for n in ("ia", "ib", "ic"))
+    assert a.startswith("192.168.210.") and b.startswith("192.168.210.") and c.startswith("192.168.211.")
+    leases = {ls["vm"]: ls for ls in j(d, "network", "leases", "iso1")}
+    assert set(leases) == {"ia", "ib"} and leases["ia"]["ip"] == a
+    assert pings(d, "ia", b) and pings(d, "ib", a)
+    assert not pings(d, "ic", a)  # another isolated network: no way across
+    assert not pings(d, "ia", UPLINK_LAN)  # and no way out
+    # What vmkit built lives in the host namespace (not the machine's): bridges, taps, tables, dnsmasq.
+    links = host.run(["ip", "-o", "link"]).stdout
+    assert "vk-iso1" in links and "vk-ia-0" in links
+    assert "vmkit" in host.run(["nft", "list", "tables"]).stdout
+
+
+def test_nat_reaches_the_uplink_as_the_host(net: tuple[Daemon, Netns, Netns]) -> None:
+    d, _, lan = net
+    j(d, "network", "create", "nat1", "--mode", "nat", "--subnet", "192.168.212.0/24")
+    boot(d, "na", "--network", "nat1", wait=False)
+    d.cli("vm", "wait", "na", "--for", "agent", "--timeout", "90")
+    assert lease_of(d, "na").startswith("192.168.212.")
+    # A TCP server on the simulated LAN says who connected.
+    server = lan.popen(
+        ["python3", "-c",
+         "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+         f"s.bind(('{UPLINK_LAN}', 8080)); s.listen(1); c, peer = s.accept(); print(peer[0], peer[1], flush=True)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(0.3)
+        assert pings(d, "na", UPLINK_LAN)
+        sh(d, "na", f"echo hi | nc {UPLINK_LAN} 8080", check=False)
+        out, _ = server.communicate(timeout=10)
+    finally:
+        server.kill()
+    peer_ip, peer_port = out.split()
+    assert peer_ip == UPLINK_HOST  # masqueraded behind the uplink's address
+    assert int(peer_port) >= 1024  # never a privileged source port on the host's address
+
+
+def test_daemon_killed_then_back_and_cleanup(net: tuple[Daemon, Netns, Netns]) -> None:
+    d, host, _ = net
+    a, b = (lease_of(d, n) for n in ("ia", "ib"))
+    d.kill9()
+    d.start()
+    assert pings(d, "ia", b) and pings(d, "ib", a)  # guests kept their network through the daemon's death
+    for vm in ("ia", "ib", "ic", "na"):
+        d.cli("vm", "stop", vm, "--force")
+    assert "used by" in d.cli("network", "delete", "iso1", check=False).stderr
+    for vm in ("ia", "ib", "ic", "na"):
+        d.cli("vm", "delete", vm)
+    for n in ("iso1", "iso2", "nat1"):
+        d.cli("network", "delete", n)
+    links = host.run(["ip", "-o", "link"]).stdout
+    assert "vk-" not in links, links
+    assert "vmkit" not in host.run(["nft", "list", "tables"]).stdout
+    left = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in host.pids()]
+    assert "dnsmasq" not in left and "qemu-system-x86" not in left, left

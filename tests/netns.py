@@ -1,0 +1,76 @@
+"""Network namespaces for tests: everything a networking test builds (bridges, taps, veths, dnsmasq, nftables
+tables, vmkit daemons) lives in namespaces made here and is gone when they are deleted. Test traffic goes
+only between these namespaces. (Tests may use `ip`; vmkit itself talks netlink through pyroute2.)"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+_count = itertools.count()
+
+
+class Netns:
+    """One named network namespace (`ip netns add`), with loopback up."""
+
+    def __init__(self, tag: str = "t") -> None:
+        self.name = f"vmkt-{os.getpid() % 100000}-{tag}{next(_count)}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        self.run(["ip", "link", "set", "lo", "up"])
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 30, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(argv), check=check, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload, no-any-return]
+
+    def popen(self, argv: Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(argv), **kw)  # type: ignore[call-overload, no-any-return]
+
+    def python(self, code: str, *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run Python code (this venv, this checkout on sys.path) inside the namespace."""
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        return self.run([sys.executable, "-c", code], check=check, timeout=timeout, env=env)
+
+    def pids(self) -> list[int]:
+        res = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True, check=False)
+        return [int(p) for p in res.stdout.split()]
+
+    def delete(self) -> None:
+        """Kill what still runs inside (dnsmasq, QEMU, a daemon) and delete the namespace with its links."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True)
+
+
+def veth(a: Netns, a_name: str, b: Netns, b_name: str) -> None:
+    """A veth pair between two namespaces, both ends up."""
+    tmp = f"vt{os.getpid() % 100000}x{next(_count)}"
+    subprocess.run(["ip", "link", "add", tmp, "type", "veth", "peer", "name", tmp + "p"], check=True)
+    subprocess.run(["ip", "link", "set", tmp, "netns", a.name], check=True)
+    subprocess.run(["ip", "link", "set", tmp + "p", "netns", b.name], check=True)
+    a.run(["ip", "link", "set", tmp, "name", a_name])
+    b.run(["ip", "link", "set", tmp + "p", "name", b_name])
+    a.run(["ip", "link", "set", a_name, "up"])
+    b.run(["ip", "link", "set", b_name, "up"])
+
+
+@contextlib.contextmanager
+def namespaces(*tags: str) -> Iterator[list[Netns]]:
+    made: list[Netns] = []
+    try:
+        for tag in tags:
+            made.append(Netns(tag))
+        yield made
+    finally:
+        for ns in made:
+            ns.delete()

@@ -1,0 +1,134 @@
+"""`vmkit network …`: virtual networks (NAT, isolated, bridged)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+if False:  # see vmkit.cli.main: typing is not imported at run time
+    from typing import Any
+
+from vmkit.cli.client import Client
+from vmkit.cli.output import kv, print_json, print_table
+
+
+def _url(name: str = "", action: str = "") -> str:
+    from vmkit.cli.main import quote
+
+    return "/v1/networks" + (f"/{quote(name)}" if name else "") + (f"/{action}" if action else "")
+
+
+def _show(n: dict[str, Any]) -> None:
+    kv(
+        [
+            ("Name", n["name"]),
+            ("Mode", n["mode"]),
+            ("State", "active" if n["active"] else "inactive"),
+            ("Autostart", "on" if n["autostart"] else "off"),
+            ("Bridge", n["bridge"]),
+            ("Subnet", n.get("subnet")),
+            ("Gateway", n.get("gateway")),
+            ("DHCP", " - ".join(n["dhcp_range"]) if n.get("dhcp_range") else "off"),
+            ("dnsmasq", n.get("dnsmasq_pid")),
+            ("VMs", ", ".join(n.get("vms") or [])),
+        ]
+    )
+
+
+def _emit(a: argparse.Namespace, data: Any, text: str) -> int:
+    if a.json:
+        print_json(data)
+    else:
+        print(text)
+    return 0
+
+
+def network_list(c: Client, a: argparse.Namespace) -> int:
+    nets = c.get(_url())
+    if a.json:
+        print_json(nets)
+        return 0
+    print_table(
+        ["name", "mode", "state", "autostart", "bridge", "subnet", "vms"],
+        [
+            [n["name"], n["mode"], "active" if n["active"] else "inactive", "on" if n["autostart"] else "off",
+             n["bridge"], n.get("subnet") or "-", len(n.get("vms") or [])]
+            for n in nets
+        ],
+    )  # fmt: skip
+    return 0
+
+
+def network_info(c: Client, a: argparse.Namespace) -> int:
+    n = c.get(_url(a.name))
+    if a.json:
+        print_json(n)
+    else:
+        _show(n)
+    return 0
+
+
+def network_create(c: Client, a: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": a.name, "mode": a.mode, "dhcp": not a.no_dhcp, "autostart": not a.no_autostart}
+    if a.subnet:
+        body["subnet"] = a.subnet
+    if a.bridge:
+        body["bridge"] = a.bridge
+    n = c.post(_url(), body)
+    where = f"on {n['subnet']}, gateway {n['gateway']}" if n.get("subnet") else f"joining bridge {n['bridge']}"
+    return _emit(a, n, f"network {n['name']} ({n['mode']}) created and started, {where}")
+
+
+def _action(verb: str, done: str) -> Any:
+    def cmd(c: Client, a: argparse.Namespace) -> int:
+        return _emit(a, c.post(_url(a.name, verb)), f"network {a.name} {done}")
+
+    return cmd
+
+
+def network_delete(c: Client, a: argparse.Namespace) -> int:
+    c.request("DELETE", _url(a.name))
+    return _emit(a, {"deleted": a.name}, f"network {a.name} deleted")
+
+
+def network_autostart(c: Client, a: argparse.Namespace) -> int:
+    n = c.request("PUT", _url(a.name, "autostart"), {"enabled": a.value == "on"})
+    return _emit(a, n, f"autostart of network {a.name} is {a.value}")
+
+
+def network_leases(c: Client, a: argparse.Namespace) -> int:
+    leases = c.get(_url(a.name, "leases"))
+    if a.json:
+        print_json(leases)
+        return 0
+    print_table(
+        ["mac", "address", "hostname", "vm", "expires"],
+        [
+            [ls["mac"], ls["ip"], ls.get("hostname") or "-", ls.get("vm") or "-",
+             time.strftime("%H:%M:%S", time.localtime(ls["expires"])) if ls["expires"] else "never"]
+            for ls in leases
+        ],
+    )  # fmt: skip
+    return 0
+
+
+def add_parsers(nouns: Any, add: Any) -> None:
+    net = nouns.add_parser("network", help="virtual networks: NAT, isolated, bridged").add_subparsers(
+        dest="verb", required=True, metavar="VERB"
+    )
+    add(net, "list", network_list, "list networks")
+    add(net, "info", network_info, "show one network").add_argument("name")
+    sp = add(net, "create", network_create, "define and start a network")
+    sp.add_argument("name")
+    sp.add_argument("--mode", choices=["nat", "isolated", "bridge"], default="nat")
+    sp.add_argument("--subnet", metavar="CIDR", help="e.g. 192.168.100.0/24 (default: a free 192.168.N.0/24)")
+    sp.add_argument("--no-dhcp", action="store_true", help="no DHCP server (DNS stays)")
+    sp.add_argument("--bridge", metavar="BR", help="bridge mode: the host bridge its VMs join")
+    sp.add_argument("--no-autostart", action="store_true", help="do not start it when the host boots")
+    add(net, "start", _action("start", "started"), "start a network").add_argument("name")
+    add(net, "stop", _action("stop", "stopped"), "stop a network (its VMs must be stopped)").add_argument("name")
+    add(net, "delete", network_delete, "delete a network no VM uses").add_argument("name")
+    sp = add(net, "autostart", network_autostart, "start the network when the host boots")
+    sp.add_argument("name")
+    sp.add_argument("value", choices=["on", "off"])
+    add(net, "leases", network_leases, "DHCP leases of a network").add_argument("name")
