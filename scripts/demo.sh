@@ -44,6 +44,8 @@ The VM 'demo' is running. Try:
   vmkit vm log demo                   # boot log so far
   vmkit vm info demo                  # its QEMU's own uid and cgroup, CPU time, memory
   vmkit vm shutdown demo              # ACPI power-off
+  vmkit vm ifaddr demo                # its address on network 'default' (NAT, 192.168.122.0/24); busybox ping it
+  vmkit network list                  # networks: bridge, subnet, VMs
   vmkit vm disks demo                 # its disk: a thin overlay volume on the demo image
   vmkit volume list                   # every volume, its format, provisioning, backing and users
   vmkit vm create inst --iso demo-installer --disk 1G --memory 256 --start   # a real install from an ISO
