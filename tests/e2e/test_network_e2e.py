@@ -115,6 +115,29 @@ def test_nat_reaches_the_uplink_as_the_host(net: tuple[Daemon, Netns, Netns]) ->
     peer_ip, peer_port = out.split()
     assert peer_ip == UPLINK_HOST  # masqueraded behind the uplink's address
     assert int(peer_port) >= 1024  # never a privileged source port on the host's address
+    # A port forward: the LAN host opens a TCP connection to the host's uplink address and lands in the guest.
+    address = lease_of(d, "na")
+    fwd = j(d, "network", "forward", "add", "nat1", "--host-port", "8022", "--to", "na:7000")["forwards"]
+    assert fwd == [{"proto": "tcp", "host_port": 8022, "vm": "na", "vm_port": 7000, "mac": fwd[0]["mac"],
+                    "address": address}]  # fmt: skip
+    assert "already goes to" in d.cli("network", "forward", "add", "nat1", "--host-port", "8022", "--to", "na:1",
+                                      check=False).stderr  # fmt: skip
+    # All three streams away from the agent's pipes, or exec waits for the background job to end.
+    sh(d, "na", "(echo hello-from-the-guest | nc -l -p 7000) </dev/null >/dev/null 2>&1 &")
+    time.sleep(0.5)
+    got = lan.python(
+        "import socket; s = socket.create_connection(('" + UPLINK_HOST + "', 8022), timeout=5); "
+        "print(s.recv(100).decode().strip())"
+    ).stdout.strip()
+    assert got == "hello-from-the-guest"
+    d.cli("network", "forward", "delete", "nat1", "--host-port", "8022")
+    refused = lan.python(
+        "import socket\ntry:\n    socket.create_connection(('"
+        + UPLINK_HOST
+        + "', 8022), timeout=3)\n    print('open')\n"
+        "except OSError:\n    print('closed')"
+    ).stdout.strip()
+    assert refused == "closed"
 
 
 def test_daemon_killed_then_back_and_cleanup(net: tuple[Daemon, Netns, Netns]) -> None:

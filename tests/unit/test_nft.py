@@ -18,13 +18,20 @@ from tests.netns import Netns, namespaces, veth
 from vmkit.errors import InvalidInput
 from vmkit.model.names import valid_name
 from vmkit.net import nft
-from vmkit.net.nft import NetRules
+from vmkit.net.nft import Forward, NetRules
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 CASES = {
     "nat": NetRules(network="default", mode="nat", bridge="virbr0", subnet="192.168.122.0/24"),
     "isolated": NetRules(network="lab", mode="isolated", bridge="vk-lab", subnet="10.10.0.0/16"),
     "bridge": NetRules(network="lan", mode="bridge", bridge="br0", subnet=None),
+    "nat-forwards": NetRules(
+        network="default",
+        mode="nat",
+        bridge="virbr0",
+        subnet="192.168.122.0/24",
+        forwards=(Forward("tcp", 8080, "192.168.122.10", 80), Forward("udp", 5353, "192.168.122.11", 53)),
+    ),
 }
 
 needs_nft = pytest.mark.skipif(
@@ -322,3 +329,18 @@ def test_apply_timing() -> None:
             """,
         )
         print(out)
+
+
+@pytest.mark.parametrize(
+    "forward",
+    [Forward("icmp", 1, "192.168.122.10", 1), Forward("tcp", 0, "192.168.122.10", 1),
+     Forward("tcp", 80, "10.0.0.1", 80), Forward("tcp", 80, "192.168.122.10", 70000)],
+)  # fmt: skip
+def test_bad_forwards_are_refused(forward: Forward) -> None:
+    with pytest.raises(InvalidInput):
+        nft.ruleset(NetRules("default", "nat", "virbr0", "192.168.122.0/24", (forward,)))
+
+
+def test_forwards_only_on_nat() -> None:
+    with pytest.raises(InvalidInput, match="nat networks only"):
+        nft.ruleset(NetRules("lab", "isolated", "vk-lab", "10.10.0.0/16", (Forward("tcp", 80, "10.10.0.5", 80),)))

@@ -603,7 +603,7 @@ VERBS = {
            "pause", "resume", "destroy", "shutdown", "stop", "delete", "autostart", "wait", "log", "console", "exec"},
     "image": {"list", "demo"},
     "pool": {"list", "info", "create", "refresh", "delete"},
-    "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases"},
+    "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases", "forward"},
     "volume": {"list", "info", "create", "resize", "convert", "clone", "import", "export", "delete"},
     "host": {"check"},
     "token": {"create", "list", "revoke"},

@@ -112,6 +112,50 @@ def network_leases(c: Client, a: argparse.Namespace) -> int:
     return 0
 
 
+def _forward_rows(fwds: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[f["proto"], f["host_port"], f"{f['vm']}:{f['vm_port']}", f["address"]] for f in fwds]
+
+
+def forward_add(c: Client, a: argparse.Namespace) -> int:
+    from vmkit.cli.main import CliError
+
+    vm, sep, port = a.to.rpartition(":")
+    if not sep or not vm or not port.isdigit():
+        raise CliError(f"invalid --to {a.to!r}: write VM:PORT")
+    body = {"host_port": a.host_port, "vm": vm, "vm_port": int(port), "proto": a.proto}
+    n = c.post(_url(a.name, "forwards"), body)
+    f = next(x for x in n["forwards"] if x["host_port"] == a.host_port and x["proto"] == a.proto)
+    return _emit(a, n, f"{a.proto} port {a.host_port} of this host now goes to {vm}:{port} ({f['address']})")
+
+
+def forward_list(c: Client, a: argparse.Namespace) -> int:
+    fwds = c.get(_url(a.name, "forwards"))
+    if a.json:
+        print_json(fwds)
+    else:
+        print_table(["proto", "host port", "to", "address"], _forward_rows(fwds))
+    return 0
+
+
+def forward_delete(c: Client, a: argparse.Namespace) -> int:
+    n = c.request("DELETE", _url(a.name, f"forwards/{a.proto}/{a.host_port}"))
+    return _emit(a, n, f"{a.proto} port {a.host_port} no longer forwarded")
+
+
+def network_forward(c: Client, a: argparse.Namespace) -> int:
+    from vmkit.cli.main import CliError
+
+    if a.action == "list":
+        return forward_list(c, a)
+    if a.host_port is None:
+        raise CliError(f"forward {a.action} needs --host-port P")
+    if a.action == "add":
+        if not a.to:
+            raise CliError("forward add needs --to VM:PORT")
+        return forward_add(c, a)
+    return forward_delete(c, a)
+
+
 def add_parsers(nouns: Any, add: Any) -> None:
     net = nouns.add_parser("network", help="virtual networks: NAT, isolated, bridged").add_subparsers(
         dest="verb", required=True, metavar="VERB"
@@ -132,3 +176,9 @@ def add_parsers(nouns: Any, add: Any) -> None:
     sp.add_argument("name")
     sp.add_argument("value", choices=["on", "off"])
     add(net, "leases", network_leases, "DHCP leases of a network").add_argument("name")
+    sp = add(net, "forward", network_forward, "port forwards of a nat network: add, list, delete")
+    sp.add_argument("action", choices=["add", "list", "delete"])
+    sp.add_argument("name", metavar="NET")
+    sp.add_argument("--host-port", type=int, metavar="P")
+    sp.add_argument("--to", metavar="VM:PORT")
+    sp.add_argument("--proto", choices=["tcp", "udp"], default="tcp")

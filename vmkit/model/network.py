@@ -42,6 +42,37 @@ def check_subnet(v: str) -> str:
     return str(net)
 
 
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class PortForward(BaseModel):
+    """Connections to the host's own addresses on host_port (proto) go to the VM's vm_port. The VM's NIC on the
+    network is given `address` for good (a static lease), so the rule always reaches it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    proto: Literal["tcp", "udp"]
+    host_port: int
+    vm: str
+    vm_port: int
+    mac: str
+    address: str
+
+
+class AddForward(BaseModel):
+    """Body of POST /v1/networks/{name}/forwards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    host_port: Port
+    vm: Annotated[str, Field(json_schema_extra={"pattern": NAME_PATTERN})]
+    vm_port: Port
+    proto: Literal["tcp", "udp"] = "tcp"
+
+    @field_validator("vm")
+    @classmethod
+    def _vm(cls, v: str) -> str:
+        return check_name(v)
+
+
 class NetworkSpec(BaseModel):
     """A network as stored."""
 
@@ -53,6 +84,7 @@ class NetworkSpec(BaseModel):
     dhcp: bool = True
     # True when vmkit made the bridge (nat, isolated) and so removes it; a bridge network joins one of the host's.
     owns_bridge: bool = True
+    forwards: list[PortForward] = Field(default_factory=list)  # nat only
 
     @property
     def gateway(self) -> str | None:
@@ -120,6 +152,7 @@ class NetworkInfo(BaseModel):
     autostart: bool
     vms: list[str] = Field(default_factory=list)  # VMs with a NIC on it
     dnsmasq_pid: int | None = None
+    forwards: list[PortForward] = Field(default_factory=list)
 
 
 class Lease(BaseModel):

@@ -329,3 +329,221 @@ def ipv4_addresses(link: str) -> list[str]:
         if msg is None:
             raise NotFound(f"link {link!r} does not exist")
         return [str(a) for a in _ipv4_of(ipr, msg["index"])]
+
+
+# ----- an uplink NIC moved under a bridge (bridge networks that make their own host bridge) -------------------
+_IFF_LOOPBACK = 0x8
+_RTPROT_KERNEL = 2  # routes the kernel derives from addresses: they come back with the address on the other link
+_RTNH_F_ONLINK = 0x4
+_IFA_F_SECONDARY = 0x01
+_IFA_F_NOPREFIXROUTE = 0x200
+_IFA_FOREVER = 0xFFFFFFFF
+
+
+def _ifa_key(a: Any) -> tuple[str | None, str | None, int]:
+    return a.get_attr("IFA_LOCAL"), a.get_attr("IFA_ADDRESS"), a["prefixlen"]
+
+
+def _route_key(r: Any) -> tuple[Any, ...]:
+    """What makes a route itself, whatever link it goes through (and that its copy on another link shares)."""
+    return (
+        r.get_attr("RTA_TABLE") or r["table"],
+        r.get_attr("RTA_DST"),
+        r["dst_len"],
+        r["tos"],
+        r.get_attr("RTA_PRIORITY") or 0,
+        r["type"],
+        r.get_attr("RTA_GATEWAY"),
+    )
+
+
+def _route_kwargs(r: Any, oif: int) -> dict[str, Any]:
+    """Arguments re-creating route r through link oif: table, destination, TOS, metric, gateway, protocol, scope,
+    type, preferred source, realm and metrics (MTU, advmss, …) as they were."""
+    kw: dict[str, Any] = {
+        "family": AF_INET,
+        "table": r.get_attr("RTA_TABLE") or r["table"],
+        "dst_len": r["dst_len"],
+        "tos": r["tos"],
+        "proto": r["proto"],
+        "scope": r["scope"],
+        "type": r["type"],
+        "oif": oif,
+        "priority": r.get_attr("RTA_PRIORITY") or 0,
+    }
+    if r.get_attr("RTA_DST") is not None:
+        kw["dst"] = r.get_attr("RTA_DST")
+    for attr, key in (("RTA_GATEWAY", "gateway"), ("RTA_PREFSRC", "prefsrc"), ("RTA_FLOW", "flow")):
+        if r.get_attr(attr) is not None:
+            kw[key] = r.get_attr(attr)
+    metrics = r.get_attr("RTA_METRICS")
+    if metrics is not None:
+        kw["metrics"] = {name: value for name, value in metrics["attrs"]}
+    if r["flags"] & _RTNH_F_ONLINK:
+        kw["flags"] = _RTNH_F_ONLINK
+    return kw
+
+
+def _routes_via(ipr: Any, index: int) -> list[Any]:
+    """The IPv4 routes (every table) that go out through link `index` and that no address of it makes: those
+    the kernel made for its addresses come and go with them. Link-scope routes first: a gateway route needs
+    its gateway reachable on the link. Multipath routes and routes using nexthop objects are left alone."""
+    routes = [
+        r
+        for r in ipr.route("dump", family=AF_INET)
+        if r.get_attr("RTA_OIF") == index and r["proto"] != _RTPROT_KERNEL and r.get_attr("RTA_NH_ID") is None
+    ]
+    return sorted(routes, key=lambda r: -r["scope"])  # host (254), link (253), then universe (0)
+
+
+def _move_ipv4(ipr: Any, src: Any, dst: Any) -> None:
+    """Move the IPv4 addresses of link src and the routes through it onto link dst: each is added on dst first
+    and only then removed from src, so the host keeps its addresses and routes all along. Idempotent."""
+    src_name, dst_name = src.get_attr("IFLA_IFNAME"), dst.get_attr("IFLA_IFNAME")
+    have = {_ifa_key(a) for a in ipr.addr("dump", family=AF_INET, index=dst["index"])}
+    # Primary addresses first, so they are primary on dst as well.
+    addrs = sorted(ipr.addr("dump", family=AF_INET, index=src["index"]), key=lambda a: a["flags"] & _IFA_F_SECONDARY)
+    for a in addrs:
+        if _ifa_key(a) in have:
+            continue
+        local, peer, _ = _ifa_key(a)
+        kw: dict[str, Any] = {
+            "index": dst["index"],
+            "family": AF_INET,
+            "address": peer or local,
+            "local": local or peer,
+            "prefixlen": a["prefixlen"],
+            "scope": a["scope"],
+        }
+        flags = a.get_attr("IFA_FLAGS") or a["flags"]
+        if flags & _IFA_F_NOPREFIXROUTE:
+            kw["flags"] = _IFA_F_NOPREFIXROUTE
+        for attr, key in (("IFA_BROADCAST", "broadcast"), ("IFA_RT_PRIORITY", "rt_priority")):
+            if a.get_attr(attr) is not None:
+                kw[key] = a.get_attr(attr)
+        label = a.get_attr("IFA_LABEL") or ""
+        if label.startswith(src_name + ":") and len(dst_name + label[len(src_name) :]) <= 15:
+            kw["label"] = dst_name + label[len(src_name) :]  # an alias such as eth0:1 becomes br0:1
+        cache = a.get_attr("IFA_CACHEINFO")
+        if cache is not None and cache["ifa_valid"] != _IFA_FOREVER:  # a lease's address: its lifetimes go along
+            kw["valid_lft"] = cache["ifa_valid"]
+            kw["preferred_lft"] = min(cache["ifa_preferred"], cache["ifa_valid"])
+        ipr.addr("add", **kw)
+
+    existing = {_route_key(r) for r in ipr.route("dump", family=AF_INET) if r.get_attr("RTA_OIF") == dst["index"]}
+    for r in _routes_via(ipr, src["index"]):
+        if _route_key(r) not in existing:
+            # append: the route's twin through src still exists, and `add` would refuse the same destination, TOS
+            # and metric twice.
+            ipr.route("append", **_route_kwargs(r, dst["index"]))
+        try:
+            ipr.route("del", **_route_kwargs(r, src["index"]))
+        except NetlinkError as e:
+            if e.code != errno.ESRCH:
+                raise
+
+    # Secondary addresses before primaries: deleting a primary takes its secondaries along (or promotes them).
+    for a in sorted(
+        ipr.addr("dump", family=AF_INET, index=src["index"]), key=lambda a: -(a["flags"] & _IFA_F_SECONDARY)
+    ):
+        local, peer, prefixlen = _ifa_key(a)
+        try:
+            ipr.addr("del", index=src["index"], address=peer or local, local=local or peer, prefixlen=prefixlen)
+        except NetlinkError as e:
+            if e.code != errno.EADDRNOTAVAIL:
+                raise
+
+
+@_off_loop
+def make_uplink_bridge(bridge: str, uplink: str) -> None:
+    """Put the host's uplink NIC under bridge `bridge` (made if missing), so that VMs' taps on it reach the LAN.
+
+    The bridge takes the uplink's MAC (a DHCP server or switch of the LAN keeps seeing the same host) and MTU;
+    one it creates has STP off and forward delay 0. The uplink becomes a port of the bridge, and the uplink's
+    IPv4 addresses and the routes through it (the default route among them, with their gateways, metrics and
+    tables) move onto the bridge: each is added on the bridge before it is removed from the uplink, and the
+    uplink is enslaved before that, so the host stays reachable throughout (a reply arriving on the port is
+    delivered by the bridge, which holds the same MAC). IPv6 is left to the kernel (link-local addresses and
+    SLAAC come up on the bridge by themselves). Idempotent: when it is already so, it only reads.
+    Conflict if `bridge` exists and is not a bridge, or the uplink is a bridge or a port of another master.
+    """
+    check_ifname(bridge, "bridge")
+    check_ifname(uplink, "uplink")
+    if bridge == uplink:
+        raise InvalidInput(f"the bridge and its uplink cannot both be {bridge!r}")
+    with _ipr() as ipr:
+        up = _get_link(ipr, uplink)
+        if up is None:
+            raise NotFound(f"uplink {uplink!r} does not exist")
+        if up["flags"] & _IFF_LOOPBACK or _kind(up) == "bridge":
+            raise Conflict(f"link {uplink!r} cannot be a bridge's uplink (it is a {_kind(up) or 'loopback'})")
+        mac = up.get_attr("IFLA_ADDRESS")
+        br = _get_link(ipr, bridge)
+        if br is None:
+            ipr.link(
+                "add",
+                ifname=bridge,
+                kind="bridge",
+                br_stp_state=0,
+                br_forward_delay=0,
+                address=mac,
+                mtu=up.get_attr("IFLA_MTU"),
+            )
+            br = _get_link(ipr, bridge)
+            if br is None:
+                raise CommandFailed(f"bridge {bridge!r} vanished right after it was created")
+        elif _kind(br) != "bridge":
+            raise Conflict(f"link {bridge!r} exists and is not a bridge")
+        master = up.get_attr("IFLA_MASTER") or 0
+        if master not in (0, br["index"]):
+            raise Conflict(f"uplink {uplink!r} is already a port of another link (index {master})")
+        if br.get_attr("IFLA_ADDRESS") != mac:
+            ipr.link("set", index=br["index"], address=mac)
+        if not br["flags"] & _IFF_UP:
+            ipr.link("set", index=br["index"], state="up")
+        if master != br["index"]:
+            ipr.link("set", index=up["index"], master=br["index"])
+        if not up["flags"] & _IFF_UP:
+            ipr.link("set", index=up["index"], state="up")
+        _move_ipv4(ipr, up, br)
+
+
+@_off_loop
+def release_uplink_bridge(bridge: str, uplink: str) -> None:
+    """Undo make_uplink_bridge: the bridge's IPv4 addresses and routes go back onto the uplink (added there
+    before they leave the bridge), the uplink leaves the bridge, and the bridge is deleted. Idempotent: with no
+    such bridge left, it does nothing.
+    Conflict (and nothing changed) if the bridge still has other ports (VMs' taps): their VMs would lose the
+    network; or if `bridge` is not a bridge, or the uplink is a port of another one.
+    """
+    check_ifname(bridge, "bridge")
+    check_ifname(uplink, "uplink")
+    with _ipr() as ipr:
+        br = _get_link(ipr, bridge)
+        if br is None:
+            return
+        if _kind(br) != "bridge":
+            raise Conflict(f"link {bridge!r} is not a bridge")
+        up = _get_link(ipr, uplink)
+        if up is None:
+            raise NotFound(f"uplink {uplink!r} does not exist: bridge {bridge!r} is left as it is")
+        master = up.get_attr("IFLA_MASTER") or 0
+        if master not in (0, br["index"]):
+            raise Conflict(f"uplink {uplink!r} is a port of another link (index {master})")
+        others = sorted(
+            m.get_attr("IFLA_IFNAME")
+            for m in ipr.link("dump")
+            if m.get_attr("IFLA_MASTER") == br["index"] and m["index"] != up["index"]
+        )
+        if others:
+            raise Conflict(f"bridge {bridge!r} still has ports besides {uplink!r}: {', '.join(others)}")
+        if not up["flags"] & _IFF_UP:
+            ipr.link("set", index=up["index"], state="up")
+        _move_ipv4(ipr, br, up)
+        if master == br["index"]:
+            ipr.link("set", index=up["index"], master=0)
+        try:
+            ipr.link("del", index=br["index"])
+        except NetlinkError as e:
+            if e.code not in (errno.ENODEV, errno.ENOENT):
+                raise

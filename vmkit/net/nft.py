@@ -31,6 +31,7 @@ MODES = ("nat", "isolated", "bridge")
 
 # Base chain priorities as numbers: nft 1.0.6 accepts only integers for "prio" in JSON input.
 _PRIO_SRCNAT = 100  # "srcnat" in the ip/inet families
+_PRIO_DSTNAT = -100  # "dstnat"
 _PRIO_FILTER = 0  # "filter"
 # Source ports of masqueraded tcp/udp are mapped into this range: a guest must never appear on the host's
 # address with a privileged (< 1024) source port, which some services trust (libvirt's CVE-2010-2242).
@@ -43,11 +44,22 @@ Json = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class Forward:
+    """A port forward: connections to any of the host's own addresses on host_port go to address:port."""
+
+    proto: str  # "tcp" | "udp"
+    host_port: int
+    address: str  # the guest's (pinned) address, inside the subnet
+    port: int
+
+
+@dataclass(frozen=True)
 class NetRules:
     network: str  # vmkit network name (model.names rule)
     mode: str  # "nat" | "isolated" | "bridge"
     bridge: str  # the network's bridge link name
     subnet: str | None  # "192.168.122.0/24" for nat/isolated; None for bridge
+    forwards: tuple[Forward, ...] = ()  # nat only
 
 
 def table_name(network: str) -> str:
@@ -83,7 +95,16 @@ def ruleset(rules: NetRules) -> Json:
     chains: list[tuple[str, str, int, list[list[Json]]]] = []
     if rules.mode == "nat":
         chains.append(("postrouting", "nat", _PRIO_SRCNAT, _nat_rules(subnet)))
-    chains.append(("forward", "filter", _PRIO_FILTER, _forward_rules(rules.bridge, subnet, routed=rules.mode == "nat")))
+        if rules.forwards:
+            dnat = _dnat_rules(rules.bridge, subnet, rules.forwards)
+            # prerouting: from other hosts; output: from the host itself, to one of its own addresses.
+            chains += [("prerouting", "nat", _PRIO_DSTNAT, dnat), ("output", "nat", _PRIO_DSTNAT, dnat)]
+    elif rules.forwards:
+        raise InvalidInput("port forwards exist on nat networks only")
+    forward = _forward_rules(rules.bridge, subnet, routed=rules.mode == "nat")
+    # Forwarded connections are let in before the fence: each one to its own guest address and port only.
+    forward[2:2] = [_forwarded(rules.bridge, f) for f in rules.forwards]
+    chains.append(("forward", "filter", _PRIO_FILTER, forward))
     for name, kind, prio, _ in chains:
         # policy accept: traffic this chain has no opinion on is left to whatever the host's own tables decide.
         chain = {"family": FAMILY, "table": table, "name": name, "type": kind, "hook": name, "prio": prio}
@@ -119,6 +140,41 @@ def _nat_rules(subnet: ipaddress.IPv4Network) -> list[list[Json]]:
         rules.append([_meta("l4proto", "==", l4), from_subnet, leaving, {"masquerade": ports}])
     rules.append([from_subnet, leaving, {"masquerade": None}])  # icmp and the rest have no ports to map
     return rules
+
+
+def _dnat_rules(bridge: str, subnet: ipaddress.IPv4Network, forwards: tuple[Forward, ...]) -> list[list[Json]]:
+    rules = []
+    for f in forwards:
+        if f.proto not in ("tcp", "udp") or not (0 < f.host_port < 65536 and 0 < f.port < 65536):
+            raise InvalidInput(f"invalid port forward {f}")
+        if ipaddress.IPv4Address(f.address) not in subnet:
+            raise InvalidInput(f"port forward target {f.address} is outside {subnet}")
+        rules.append(
+            [
+                # Only connections addressed to the host itself, and not from the network's own guests.
+                {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}},
+                _meta("iifname", "!=", bridge),
+                _meta("l4proto", "==", f.proto),
+                _port(f.proto, "dport", f.host_port),
+                {"dnat": {"family": "ip", "addr": f.address, "port": f.port}},
+            ]
+        )
+    return rules
+
+
+def _forwarded(bridge: str, f: Forward) -> list[Json]:
+    return [
+        _meta("oifname", "==", bridge),
+        _match("ip", "daddr", "==", ipaddress.IPv4Network(f"{f.address}/32")),
+        _meta("l4proto", "==", f.proto),
+        _port(f.proto, "dport", f.port),
+        {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+        {"accept": None},
+    ]
+
+
+def _port(proto: str, field: str, port: int) -> Json:
+    return {"match": {"op": "==", "left": {"payload": {"protocol": proto, "field": field}}, "right": port}}
 
 
 def _forward_rules(bridge: str, subnet: ipaddress.IPv4Network, *, routed: bool) -> list[list[Json]]:

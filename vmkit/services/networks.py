@@ -25,10 +25,12 @@ from vmkit.errors import Conflict, InvalidInput, NotFound, VmkitError
 from vmkit.model.network import (
     DEFAULT_NETWORK,
     DEFAULT_SUBNET,
+    AddForward,
     CreateNetwork,
     Lease,
     NetworkInfo,
     NetworkSpec,
+    PortForward,
 )
 from vmkit.net import dnsmasq, links, nft
 from vmkit.store.db import Store
@@ -111,7 +113,15 @@ class NetworkService:
         )
 
     def _dnsmasq_hosts(self, spec: NetworkSpec) -> list[dnsmasq.Host]:
-        return [dnsmasq.Host(mac=mac, ip=None, name=name) for mac, name in self._hosts(spec.name)]
+        pinned = {f.mac: f.address for f in spec.forwards}
+        return [dnsmasq.Host(mac=mac, ip=pinned.get(mac), name=name) for mac, name in self._hosts(spec.name)]
+
+    @staticmethod
+    def _rules(spec: NetworkSpec) -> nft.NetRules:
+        forwards = tuple(nft.Forward(f.proto, f.host_port, f.address, f.vm_port) for f in spec.forwards)
+        return nft.NetRules(
+            network=spec.name, mode=spec.mode, bridge=spec.bridge, subnet=spec.subnet, forwards=forwards
+        )
 
     def info(self, name: str) -> NetworkInfo:
         rows = self._rows()
@@ -130,6 +140,7 @@ class NetworkService:
             autostart=autostart,
             vms=self._users(name),
             dnsmasq_pid=dnsmasq.running(cfg) if cfg is not None and active else None,
+            forwards=spec.forwards,
         )
 
     def all(self) -> list[NetworkInfo]:
@@ -254,7 +265,7 @@ class NetworkService:
         links.ensure_bridge(spec.bridge, address=f"{spec.gateway}/{net.prefixlen}")
         if spec.mode == "nat":
             links.set_ip_forward(True)
-        nft.apply(nft.NetRules(network=spec.name, mode=spec.mode, bridge=spec.bridge, subnet=spec.subnet))
+        nft.apply(self._rules(spec))
         cfg = self._dnsmasq(spec)
         if cfg is not None:
             # Passable (not readable) for dnsmasq's own user, whatever the daemon's umask.
@@ -289,6 +300,78 @@ class NetworkService:
         cfg = self._dnsmasq(spec)
         if cfg is not None:
             await asyncio.to_thread(dnsmasq.reload, cfg, self._dnsmasq_hosts(spec))
+
+    # ----- port forwards ------------------------------------------------------------------------
+    async def add_forward(self, name: str, req: AddForward, nics: list[tuple[str, str]]) -> NetworkInfo:
+        """Forward host_port to the VM's vm_port. nics: (MAC, VM) of the NICs on this network. The VM's NIC gets
+        its current lease (or a free address of the range) for good, so the rule keeps reaching it."""
+        async with self._lock:
+            spec = self.spec(name)
+            if spec.mode != "nat":
+                raise Conflict(f"network {name!r} is {spec.mode}: port forwards exist on nat networks only")
+            for other, _, _ in self._store.networks():
+                for f in other.forwards:
+                    if (f.proto, f.host_port) == (req.proto, req.host_port):
+                        raise Conflict(
+                            f"{req.proto} port {req.host_port} already goes to {f.vm} (network {other.name})"
+                        )
+            macs = [mac for mac, vm in nics if vm == req.vm]
+            if not macs:
+                raise InvalidInput(f"VM {req.vm!r} has no NIC on network {name!r}")
+            mac = macs[0]
+            address = next((f.address for f in spec.forwards if f.mac == mac), None)
+            if address is None:
+                address = self._address_for(spec, mac)
+            fwd = PortForward(proto=req.proto, host_port=req.host_port, vm=req.vm, vm_port=req.vm_port, mac=mac,
+                              address=address)  # fmt: skip
+            new = spec.model_copy(update={"forwards": [*spec.forwards, fwd]})
+            await self._replace(new)
+        return self.info(name)
+
+    def _address_for(self, spec: NetworkSpec, mac: str) -> str:
+        cfg = self._dnsmasq(spec)
+        current = [ls.ip for ls in dnsmasq.leases(cfg)] if cfg else []
+        mine = next((ls.ip for ls in (dnsmasq.leases(cfg) if cfg else []) if ls.mac == mac), None)
+        if mine is not None:
+            return mine
+        taken = set(current) | {f.address for f in spec.forwards}
+        start, end = spec.dhcp_range or (None, None)
+        if start is None or end is None:
+            raise Conflict(f"network {spec.name!r} has no DHCP range to give the VM a fixed address from")
+        first, last = int(ipaddress.IPv4Address(start)), int(ipaddress.IPv4Address(end))
+        for n in range(last, first - 1, -1):  # from the top: dnsmasq hands out dynamic ones by hash, anywhere
+            if str(ipaddress.IPv4Address(n)) not in taken:
+                return str(ipaddress.IPv4Address(n))
+        raise Conflict(f"no free address left in network {spec.name!r}")
+
+    async def delete_forward(self, name: str, proto: str, host_port: int) -> NetworkInfo:
+        async with self._lock:
+            spec = self.spec(name)
+            kept = [f for f in spec.forwards if (f.proto, f.host_port) != (proto, host_port)]
+            if len(kept) == len(spec.forwards):
+                raise NotFound(f"network {name!r} forwards no {proto} port {host_port}")
+            await self._replace(spec.model_copy(update={"forwards": kept}))
+        return self.info(name)
+
+    async def vm_gone(self, vm: str) -> None:
+        """A deleted VM's forwards go with it."""
+        for spec, _, _ in self._store.networks():
+            if any(f.vm == vm for f in spec.forwards):
+                async with self._lock:
+                    spec = self.spec(spec.name)
+                    await self._replace(spec.model_copy(update={"forwards": [f for f in spec.forwards if f.vm != vm]}))
+
+    async def _replace(self, spec: NetworkSpec) -> None:
+        """Store the new spec; if the network runs, swap its nft table in one transaction and tell dnsmasq the
+        fixed addresses. The table is built before anything is stored, so a bad rule changes nothing."""
+        nft.ruleset(self._rules(spec))
+        active = self._rows()[spec.name][2]
+        self._store.set_network_spec(spec)
+        if active:
+            await asyncio.to_thread(nft.apply, self._rules(spec))
+            cfg = self._dnsmasq(spec)
+            if cfg is not None:
+                await asyncio.to_thread(dnsmasq.reload, cfg, self._dnsmasq_hosts(spec))
 
     # ----- daemon start --------------------------------------------------------------------------
     async def load(self) -> None:

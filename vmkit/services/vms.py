@@ -770,6 +770,7 @@ class VmService:
             shutil.rmtree(vm.paths.vm_dir, ignore_errors=True)
             shutil.rmtree(vm.paths.run_dir, ignore_errors=True)
             self._bus.publish("vm-deleted", vm=name)
+        await self._networks.vm_gone(name)
         await self._nics_changed(vm.spec)
 
     async def set_limits(self, name: str, req: SetVm) -> VmInfo:

@@ -293,6 +293,9 @@ class Store:
         rows = self._db.execute("SELECT spec, autostart, active FROM networks ORDER BY name").fetchall()
         return [(NetworkSpec.model_validate_json(s), bool(a), bool(ac)) for s, a, ac in rows]
 
+    def set_network_spec(self, spec: NetworkSpec) -> None:
+        self._db.execute("UPDATE networks SET spec = ? WHERE name = ?", (spec.model_dump_json(), spec.name))
+
     def set_network_flags(self, name: str, *, autostart: bool | None = None, active: bool | None = None) -> None:
         if autostart is not None:
             self._db.execute("UPDATE networks SET autostart = ? WHERE name = ?", (int(autostart), name))
