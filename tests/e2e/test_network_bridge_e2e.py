@@ -119,7 +119,7 @@ def test_bridge_network_guest_is_served_by_the_lan(bridged: Lan) -> None:
     boot(d, "bg", "--network", "lan", wait=False)
     d.cli("vm", "wait", "bg", "--for", "agent", "--timeout", "90")
     vm = d.vm("bg")
-    mac = vm["spec"]["nics"][0]["mac"] if "spec" in vm else vm["nics"][0]["mac"]
+    mac = vm["nics"][0]["mac"]
 
     # The guest's tap is a port of the host's bridge, beside the uplink.
     ports = {p["ifname"] for p in json.loads(host.run(["ip", "-j", "link", "show", "master", "br0"]).stdout)}

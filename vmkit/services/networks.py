@@ -377,6 +377,16 @@ class NetworkService:
     async def load(self) -> None:
         """Bring the host in line with the rows (see the module's docstring)."""
         rows = self._rows()
+        # After a host reboot (nothing of any network survives one) networks come back as their autostart says,
+        # as libvirt does; otherwise as they were left.
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        rebooted = self._store.get_meta("net_boot_id") not in (None, boot_id)
+        self._store.set_meta("net_boot_id", boot_id)
+        if rebooted:
+            for spec, autostart, active in rows.values():
+                if autostart != active:
+                    self._store.set_network_flags(spec.name, active=autostart)
+            rows = self._rows()
         for spec, _, active in rows.values():
             try:
                 if active:
