@@ -140,6 +140,7 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.stats import StatsService
     from vmkit.services.upgrade import take_over
     from vmkit.services.vmdisks import VmDiskService
+    from vmkit.services.vmnics import VmNicService
     from vmkit.services.vms import VmService
     from vmkit.services.volumes import VolumeService
     from vmkit.store.db import SchemaTooNew, Store
@@ -245,6 +246,7 @@ async def serve(cfg: DaemonConfig) -> None:
         volumes=volumes,
         vmdisks=VmDiskService(vms=vms, volumes=volumes),
         networks=networks,
+        vmnics=VmNicService(vms=vms, networks=networks),
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,
         state_dir=str(cfg.state_dir),

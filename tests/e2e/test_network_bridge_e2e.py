@@ -160,3 +160,28 @@ def test_bridge_network_guest_is_served_by_the_lan(bridged: Lan) -> None:
     assert "vmkit-lan" not in vmkit_rules(host)
     left = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in host.pids()]
     assert "qemu-system-x86" not in left, left
+
+
+# Two bugs found while writing this module, fixed since; these tests keep them fixed.
+
+
+def test_bridge_network_refuses_a_link_that_is_no_bridge(bridged: Lan) -> None:
+    d = bridged.d
+    try:
+        res = d.cli("network", "create", "notbr", "--mode", "bridge", "--bridge", "eth0", check=False)
+        assert res.returncode != 0 and "not a bridge" in res.stderr, res.stdout
+    finally:
+        d.cli("network", "delete", "notbr", check=False)
+
+
+def test_daemon_restart_keeps_a_joined_host_bridge_named_like_vmkits(bridged: Lan) -> None:
+    d, host = bridged.d, bridged.host
+    host.run(["ip", "link", "add", "vk-host", "type", "bridge"])
+    try:
+        d.cli("network", "create", "vkh", "--mode", "bridge", "--bridge", "vk-host")
+        d.stop()
+        d.start()
+        assert host.run(["ip", "link", "show", "dev", "vk-host"], check=False).returncode == 0, "vk-host deleted"
+    finally:
+        d.cli("network", "delete", "vkh", check=False)
+        host.run(["ip", "link", "del", "vk-host"], check=False)

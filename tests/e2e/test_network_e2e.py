@@ -140,6 +140,28 @@ def test_nat_reaches_the_uplink_as_the_host(net: tuple[Daemon, Netns, Netns]) ->
     assert refused == "closed"
 
 
+def test_nic_hotplug_seen_by_the_guest(net: tuple[Daemon, Netns, Netns]) -> None:
+    d, host, _ = net
+    before = sh(d, "ia", "ls /sys/class/net").stdout.split()
+    nics = j(d, "vm", "attach-nic", "ia", "iso2")
+    new = nics[-1]
+    assert (new["name"], new["network"]) == ("net1", "iso2")
+    deadline = time.monotonic() + 20
+    while len(sh(d, "ia", "ls /sys/class/net").stdout.split()) == len(before) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    after = sh(d, "ia", "ls /sys/class/net").stdout.split()
+    (added,) = set(after) - set(before)
+    # The guest brings it up and gets a lease on iso2 from that network's dnsmasq.
+    sh(d, "ia", f"ip link set {added} up; udhcpc -i {added} -n -q -t 5 -s /etc/udhcpc/default.script >/dev/null 2>&1")
+    addrs = {a["network"]: a["address"] for a in j(d, "vm", "ifaddr", "ia")}
+    assert addrs["iso2"].startswith("192.168.211."), addrs
+    assert "vk-ia-1" in host.run(["ip", "-o", "link"]).stdout
+    j(d, "vm", "detach-nic", "ia", "net1")
+    assert sh(d, "ia", "ls /sys/class/net").stdout.split() == before
+    assert "vk-ia-1" not in host.run(["ip", "-o", "link"]).stdout  # the tap went with QEMU's descriptor
+    assert [n["name"] for n in d.vm("ia")["nics"]] == ["net0"]
+
+
 def test_daemon_killed_then_back_and_cleanup(net: tuple[Daemon, Netns, Netns]) -> None:
     d, host, _ = net
     a, b = (lease_of(d, n) for n in ("ia", "ib"))

@@ -112,6 +112,8 @@ class Fake:
         self.devices: dict[str, dict] = {}  # id -> device options, "driver" included
         self.trays: dict[str, dict] = {}  # ide-cd id -> {"open": bool, "node": str | None}
         self.unplugging: set[str] = set()
+        self.named_fds: dict[str, int] = {}  # getfd
+        self.netdevs: set[str] = set()
         for i, a in enumerate(argv[:-1]):
             if a == "-add-fd":
                 o = parse_opts(argv[i + 1])
@@ -120,6 +122,8 @@ class Fake:
             elif a == "-blockdev":
                 o = parse_opts(argv[i + 1])
                 self.nodes[o["node-name"]] = o
+            elif a == "-netdev":
+                self.netdevs.add(parse_opts(argv[i + 1], "type")["id"])
             elif a == "-device":
                 o = parse_opts(argv[i + 1], "driver")
                 if "id" in o:
@@ -264,7 +268,31 @@ class Fake:
             raise QmpError(f"Could not open '{filename}': Permission denied")
 
     def storage(self, cmd: str, args: dict) -> object:
-        """The storage commands; None for any other."""
+        """The storage (and NIC) commands; None for any other."""
+        if cmd == "getfd":
+            if not self.passed_fds:
+                raise QmpError("No file descriptor supplied via SCM_RIGHTS")
+            self.named_fds[args["fdname"]] = self.passed_fds.pop()
+            return {}
+        if cmd == "closefd":
+            if args["fdname"] not in self.named_fds:
+                raise QmpError(f"File descriptor named '{args['fdname']}' not found")
+            os.close(self.named_fds.pop(args["fdname"]))
+            return {}
+        if cmd == "netdev_add":
+            if args["id"] in self.netdevs:
+                raise QmpError(f"Duplicate ID '{args['id']}' for netdev")
+            if args.get("type") == "tap":
+                if args.get("fd") not in self.named_fds:
+                    raise QmpError(f"File descriptor named '{args.get('fd')}' has not been found")
+                os.close(self.named_fds.pop(args["fd"]))  # the fake has no use for the tap itself
+            self.netdevs.add(args["id"])
+            return {}
+        if cmd == "netdev_del":
+            if args["id"] not in self.netdevs:
+                raise QmpError(f"Device '{args['id']}' not found")
+            self.netdevs.discard(args["id"])
+            return {}
         if cmd == "add-fd":
             if not self.passed_fds:
                 raise QmpError("No file descriptor supplied via SCM_RIGHTS")
@@ -313,13 +341,18 @@ class Fake:
             dev, driver = args.get("id"), args["driver"]
             if dev in self.devices:
                 raise QmpError(f"Duplicate device ID '{dev}'")
-            if driver != "virtio-blk-pci":
+            if driver not in ("virtio-blk-pci", "virtio-net-pci", "e1000"):
                 raise QmpError(f"fake QEMU cannot hot-plug {driver}")
             bus = args.get("bus")
             if bus not in self.devices or self.devices[bus]["driver"] != "pcie-root-port":
                 raise QmpError(f"Bus '{bus}' not found")
             if any(self.port_of(d) == bus for d in self.devices):
                 raise QmpError(f"Bus '{bus}' does not support hotplugging (it is full)")
+            if driver != "virtio-blk-pci":
+                if args.get("netdev") not in self.netdevs:
+                    raise QmpError(f"Property 'netdev' can't find value '{args.get('netdev')}'")
+                self.devices[dev] = {k: str(v) for k, v in args.items()}
+                return {}
             drive = args.get("drive")
             if drive not in self.nodes:
                 raise QmpError(f"Property 'virtio-blk-device.drive' can't find value '{drive}'")

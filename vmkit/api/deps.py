@@ -20,6 +20,7 @@ from vmkit.services.pools import PoolService
 from vmkit.services.sessions import Sessions
 from vmkit.services.stats import StatsService
 from vmkit.services.vmdisks import VmDiskService
+from vmkit.services.vmnics import VmNicService
 from vmkit.services.vms import VmService
 from vmkit.services.volumes import VolumeService
 
@@ -38,6 +39,7 @@ class Services:
     volumes: VolumeService
     vmdisks: VmDiskService
     networks: NetworkService
+    vmnics: VmNicService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
     state_dir: str | None = None  # for the dashboard's disk usage

@@ -12,13 +12,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from vmkit.api.deps import Services, services, unless_stopping, ws_services
 from vmkit.api.websocket import bridge
+from vmkit.model.network import NicRequest
 from vmkit.model.vm import (
     DISK_NAME_PATTERN,
     NAME_PATTERN,
+    NIC_NAME_PATTERN,
     AttachDisk,
     ChangeMedia,
     CreateVm,
     DiskInfo,
+    NicSpec,
     SetVm,
     VmInfo,
     VmState,
@@ -131,6 +134,22 @@ async def detach_disk(
     """Detach a disk (the guest must let go of it while running; 504 when it has not within timeout_s, and
     then the disk goes as soon as it does); its volume is kept."""
     return [DiskInfo.model_validate(d) for d in await svc.vmdisks.detach(name, disk, timeout_s=timeout_s)]
+
+
+@router.post("/{name}/nics")
+async def attach_nic(name: VmName, req: NicRequest, svc: Svc) -> list[NicSpec]:
+    """Add a NIC on a network: hot-plugged while the VM runs, and kept for its next start."""
+    return [NicSpec.model_validate(n) for n in await svc.vmnics.attach(name, req)]
+
+
+@router.delete("/{name}/nics/{nic}")
+async def detach_nic(
+    name: VmName,
+    nic: Annotated[str, Path(description="the NIC's name (net1)", pattern=NIC_NAME_PATTERN)],
+    svc: Svc,
+) -> list[NicSpec]:
+    """Remove a NIC (the guest lets go of it while running)."""
+    return [NicSpec.model_validate(n) for n in await svc.vmnics.detach(name, nic)]
 
 
 @router.get("/{name}/ifaddr")

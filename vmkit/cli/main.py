@@ -191,16 +191,7 @@ def vm_create(c: Client, a: argparse.Namespace) -> int:
     if a.iso is not None:
         body["iso"] = _iso_source(c, a.iso)
     for text in a.network:
-        nic: dict[str, Any] = {}
-        for i, item in enumerate(text.split(",")):
-            key, sep, value = item.partition("=")
-            if not sep and i == 0:
-                nic["network"] = item
-            elif key in ("mac", "model"):
-                nic[key] = value
-            else:
-                raise CliError(f"unknown NIC option {item!r} (use NET,mac=52:54:00:…,model=virtio|e1000)")
-        body.setdefault("networks", []).append(nic)
+        body.setdefault("networks", []).append(_nic_opts(text))
     if a.copy:
         body["image_copy"] = True
     disks = [parse_disk_opts(d, first="size") for d in a.disk]
@@ -285,6 +276,37 @@ def vm_disks(c: Client, a: argparse.Namespace) -> int:
         ],
     )  # fmt: skip
     return 0
+
+
+def _nic_opts(text: str) -> dict[str, Any]:
+    """'NET[,mac=M][,model=virtio|e1000]' → a NIC request."""
+    nic: dict[str, Any] = {}
+    for i, item in enumerate(text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep and i == 0:
+            nic["network"] = item
+        elif key in ("mac", "model"):
+            nic[key] = value
+        else:
+            raise CliError(f"unknown NIC option {item!r} (use NET,mac=52:54:00:…,model=virtio|e1000)")
+    return nic
+
+
+def vm_attach_nic(c: Client, a: argparse.Namespace) -> int:
+    nics = c.post(_vm_url(a.name, "nics"), _nic_opts(a.network))
+    new = nics[-1]
+    return emit(a, nics, f"{new['name']} ({new['mac']}) on network {new.get('network') or 'user'} added to {a.name}")
+
+
+def vm_detach_nic(c: Client, a: argparse.Namespace) -> int:
+    target = a.nic
+    if ":" in target:  # a MAC: find which NIC it is
+        found = [n["name"] for n in c.get(_vm_url(a.name))["nics"] if n["mac"] == target.lower()]
+        if not found:
+            raise CliError(f"{a.name} has no NIC with MAC {target}")
+        target = found[0]
+    nics = c.request("DELETE", _vm_url(a.name, f"nics/{quote(target)}"))
+    return emit(a, nics, f"{a.nic} removed from {a.name}")
 
 
 def vm_ifaddr(c: Client, a: argparse.Namespace) -> int:
@@ -599,8 +621,9 @@ class _Skipped:
 
 
 VERBS = {
-    "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "ifaddr", "list", "info", "start", "reboot",
-           "pause", "resume", "destroy", "shutdown", "stop", "delete", "autostart", "wait", "log", "console", "exec"},
+    "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "ifaddr", "attach-nic", "detach-nic",
+           "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown", "stop", "delete",
+           "autostart", "wait", "log", "console", "exec"},
     "image": {"list", "demo"},
     "pool": {"list", "info", "create", "refresh", "delete"},
     "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases", "forward"},
@@ -704,6 +727,12 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     )
     sp = add(vm, "disks", vm_disks, "list a VM's drives with their volumes and I/O limits (like domblklist)")
     sp.add_argument("name")
+    sp = add(vm, "attach-nic", vm_attach_nic, "add a NIC on a network (hot-plugged while running)")
+    sp.add_argument("name")
+    sp.add_argument("network", metavar="NET[,mac=M][,model=virtio|e1000]")
+    sp = add(vm, "detach-nic", vm_detach_nic, "remove a NIC (hot-unplugged while running)")
+    sp.add_argument("name")
+    sp.add_argument("nic", metavar="NIC|MAC")
     sp = add(vm, "ifaddr", vm_ifaddr, "the guest's addresses, from DHCP leases or its agent (like domifaddr)")
     sp.add_argument("name")
     sp.add_argument("--source", choices=["lease", "agent"], default="lease")

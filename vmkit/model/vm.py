@@ -63,6 +63,7 @@ DISK_NAME_PATTERN = r"^disk[0-9]{1,3}$"
 CDROM_NAME_PATTERN = r"^cd[0-5]$"  # ide.0-ide.5 of q35's AHCI
 MAX_DISKS = 64
 MAX_NICS = 16
+NIC_NAME_PATTERN = r"^net[0-9]{1,2}$"
 MAX_CDROMS = 4  # q35's AHCI ports left after none are used for disks
 
 
@@ -83,6 +84,15 @@ class DiskSpec(_Strict):
     bps_total: int | None = None
 
 
+def _named(item: object, name: str) -> object:
+    """item (a dict, or a DiskSpec/NicSpec) with `name` when it has none."""
+    if isinstance(item, dict) and not item.get("name"):
+        return {**item, "name": name}
+    if isinstance(item, BaseModel) and not getattr(item, "name", "x"):
+        return item.model_copy(update={"name": name})
+    return item
+
+
 class CdromSpec(_Strict):
     """A CD-ROM drive (IDE/AHCI, read-only). path None is an empty tray."""
 
@@ -94,6 +104,8 @@ class CdromSpec(_Strict):
 class NicSpec(_Strict):
     # "user": QEMU user-mode networking with restrict=on (the guest gets DHCP from QEMU and reaches nothing);
     # "network": a tap on a vmkit network's bridge (model/network.py).
+    # The NIC's id in QEMU (net0, net1, …): stable for its life, like a disk's name (VmSpec fills old specs in).
+    name: str = ""
     kind: Literal["user", "network"] = "user"
     network: str | None = None
     mac: Annotated[str, Field(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
@@ -120,17 +132,18 @@ class VmSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _disk_names(cls, data: object) -> object:
-        """Specs stored before disks had names: name them by position, as QEMU knew them then."""
-        if isinstance(data, dict) and isinstance(data.get("disks"), list):
-            disks = [
-                {**d, "name": f"disk{i}"} if isinstance(d, dict) and not d.get("name") else d
-                for i, d in enumerate(data["disks"])
-            ]
-            data = {**data, "disks": disks}
+        """Specs stored before disks and NICs had names: name them by position, as QEMU knew them then."""
+        for key, prefix in (("disks", "disk"), ("nics", "net")):
+            if isinstance(data, dict) and isinstance(data.get(key), list):
+                items = [_named(d, f"{prefix}{i}") for i, d in enumerate(data[key])]
+                data = {**data, key: items}
         return data
 
     def disk(self, name: str) -> DiskSpec | None:
         return next((d for d in self.disks if d.name == name), None)
+
+    def nic(self, name: str) -> NicSpec | None:
+        return next((n for n in self.nics if n.name == name), None)
 
 
 class Limits(_Strict):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmkit.model.vm import DiskSpec, VmSpec
+from vmkit.model.vm import DiskSpec, NicSpec, VmSpec
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 AGENT_PORT = "org.qemu.guest_agent.0"
@@ -42,7 +42,7 @@ AHCI_PORTS = 6  # q35's built-in AHCI controller: buses ide.0 … ide.5
 
 
 def device_id(node: str) -> str:
-    """qdev id of the device of disk or CD-ROM drive `node` (disk0 → disk0-dev)."""
+    """qdev id of the device of disk, CD-ROM drive or NIC `node` (disk0 → disk0-dev, net1 → net1-dev)."""
     return f"{node}-dev"
 
 
@@ -128,6 +128,14 @@ def disk_device(node: str, bus: str, bootindex: int | None = None) -> dict[str, 
     if bootindex is not None:
         dev["bootindex"] = bootindex
     return dev
+
+
+def nic_device(nic: NicSpec, bus: str) -> dict[str, Any]:
+    """device_add arguments of a NIC on root port `bus` (its netdev has the NIC's name)."""
+    if not nic.name:
+        raise ValueError("a NIC needs its name")
+    model = "virtio-net-pci" if nic.model == "virtio" else "e1000"
+    return {"driver": model, "netdev": nic.name, "id": device_id(nic.name), "mac": nic.mac, "bus": bus}
 
 
 def cdrom_blockdevs(node: str, filename: str) -> list[dict[str, Any]]:
@@ -292,7 +300,9 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver
     for cd, cfd in zip(spec.cdroms, fds.cdroms, strict=True):
         if (cd.path is None) != (cfd is None):
             raise ValueError(f"CD-ROM {cd.name}: a medium needs its fd, an empty tray has none")
-    ports = [port_id(d.name) for d in spec.disks] + [spare_port_id(i) for i in range(SPARE_PORTS)]
+    # Disks, then NICs, each on a root port of its own (so each can be unplugged), then the spare ones.
+    ports = [port_id(d.name) for d in spec.disks] + [port_id(n.name) for n in spec.nics]
+    ports += [spare_port_id(i) for i in range(SPARE_PORTS)]
     for port in root_ports(ports):
         argv += ["-device", device_opts(port)]
     for i, (disk, dfds) in enumerate(zip(spec.disks, fds.disks, strict=True)):
@@ -318,14 +328,13 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver
     taps = fds.nics or (None,) * len(spec.nics)
     if len(taps) != len(spec.nics):
         raise ValueError("one tap (or None) per NIC")
-    for i, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
+    for nic, tap in zip(spec.nics, taps, strict=True):
         if (nic.kind == "network") != (tap is not None):
-            raise ValueError(f"NIC {i}: a network NIC needs its tap, a user NIC none")
+            raise ValueError(f"NIC {nic.name}: a network NIC needs its tap, a user NIC none")
         # A tap handed over open: QEMU never needs CAP_NET_ADMIN or a path of ours. vhost-net is missing here
         # (and would need /dev/vhost-net opened for QEMU too).
-        netdev = f"tap,id=net{i},fd={tap},vhost=off" if tap is not None else f"user,id=net{i},restrict=on"
-        model = "virtio-net-pci" if nic.model == "virtio" else "e1000"
-        argv += ["-netdev", netdev, "-device", f"{model},netdev=net{i},id=net{i}-dev,mac={nic.mac}"]
+        netdev = f"tap,id={nic.name},fd={tap},vhost=off" if tap is not None else f"user,id={nic.name},restrict=on"
+        argv += ["-netdev", netdev, "-device", device_opts(nic_device(nic, port_id(nic.name)))]
     # -add-fd comes first so every /dev/fdset/N above exists when QEMU opens it.
     return [argv[0], *fdsets, *argv[1:]]
 

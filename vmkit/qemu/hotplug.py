@@ -31,8 +31,8 @@ from collections.abc import Iterable
 from qemu.qmp import ExecuteError
 
 from vmkit.errors import Conflict, Timeout
-from vmkit.model.vm import DiskSpec
-from vmkit.qemu.argv import DiskFds, cdrom_blockdevs, device_id, disk_blockdevs, disk_device
+from vmkit.model.vm import DiskSpec, NicSpec
+from vmkit.qemu.argv import DiskFds, cdrom_blockdevs, device_id, disk_blockdevs, disk_device, nic_device
 from vmkit.qemu.monitor import EV_DEVICE_DELETED, Monitor
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,51 @@ def _owned_by(name: str, node: str) -> bool:
 
 def _fdset(fdset_id: int) -> str:
     return f"/dev/fdset/{fdset_id}"
+
+
+# ----- NICs -----------------------------------------------------------------------------------------------
+async def attach_nic(mon: Monitor, nic: NicSpec, tap: int) -> None:
+    """Hot-plug `nic` with the tap open as `tap` (the caller opened it on its network's bridge) onto a free
+    root port. Whatever was added is removed again on failure."""
+    fdname = f"{nic.name}-tap"
+    added_netdev = False
+    try:
+        port = await free_port(mon)
+        await mon.getfd(tap, fdname)
+        await mon.netdev_add({"type": "tap", "id": nic.name, "fd": fdname, "vhost": False})
+        added_netdev = True
+        await mon.device_add(nic_device(nic, port))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if added_netdev:
+                await mon.netdev_del(nic.name)
+            else:
+                await mon.closefd(fdname)
+        raise
+    log.info("attached %s on %s", nic.name, port)
+
+
+async def detach_nic(mon: Monitor, name: str, *, timeout_s: float = DETACH_TIMEOUT_S) -> None:
+    """Hot-unplug NIC `name`: the guest acknowledges (DEVICE_DELETED), then its netdev goes, and with it the tap
+    (QEMU held the last descriptor). UnplugTimeout as for disks."""
+    dev = device_id(name)
+    with mon.expect_event(EV_DEVICE_DELETED, lambda d: d.get("device") == dev) as deleted:
+        try:
+            await mon.device_del(dev)
+        except ExecuteError as e:
+            if e.error_class != "DeviceNotFound":
+                raise
+        else:
+            try:
+                await deleted.wait(timeout_s)
+            except TimeoutError as e:
+                raise UnplugTimeout(
+                    f"the guest did not release {name} within {timeout_s:g} s; it stays attached and its removal "
+                    "pending: the guest may still let it go"
+                ) from e
+    with contextlib.suppress(ExecuteError):  # already gone with an earlier, late acknowledgement
+        await mon.netdev_del(name)
+    log.info("detached %s", name)
 
 
 # ----- disks ----------------------------------------------------------------------------------------------

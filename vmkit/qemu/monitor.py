@@ -208,6 +208,21 @@ class Monitor:
                 raise
 
     # ----- hot-plug: descriptors, block nodes, devices, removable media ---------------------------------
+    async def getfd(self, fd: int, fdname: str, *, timeout_s: float = 10.0) -> None:
+        """Pass fd to QEMU under the name fdname (for netdev_add fd=…). QEMU keeps a duplicate."""
+        async with self._fd_lock:
+            await self._send_fd(fd)
+            await self.execute("getfd", {"fdname": fdname}, timeout_s=timeout_s)
+
+    async def closefd(self, fdname: str) -> None:
+        await self.execute("closefd", {"fdname": fdname})
+
+    async def netdev_add(self, args: dict[str, Any]) -> None:
+        await self.execute("netdev_add", args)
+
+    async def netdev_del(self, netdev_id: str) -> None:
+        await self.execute("netdev_del", {"id": netdev_id})
+
     async def add_fd(self, fd: int, *, opaque: str, timeout_s: float = 10.0) -> int:
         """Pass fd to QEMU into a new fdset (opened later as /dev/fdset/N); returns N. opaque labels the
         fdset in query-fdsets (vmkit writes the node name that opens it). QEMU keeps a duplicate."""

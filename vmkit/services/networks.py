@@ -8,8 +8,9 @@ What a started network is, on the host (all in the daemon's own network namespac
 
 The row's `active` flag is what the user asked for. At daemon start (`load`) every network is brought to it:
 missing pieces are made again (after a host reboot, a crash, or someone deleting a bridge), and pieces vmkit made
-for networks that no longer exist — bridges `vk-*`, tables `vmkit*`, dnsmasq dirs — are removed. Starting and
-stopping are idempotent, so a daemon killed half-way through either is finished by the next `load`.
+for networks that no longer exist — tables `vmkit-*`, dnsmasq dirs — are removed (never a bridge: see
+_remove_strays). Starting and stopping are idempotent, so a daemon killed half-way through either is finished
+by the next `load`.
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ class NetworkService:
                 assert req.bridge is not None  # CreateNetwork checks it
                 if not links.link_exists(req.bridge):
                     raise InvalidInput(f"there is no bridge {req.bridge!r} on this host to join")
+                if not links.is_bridge(req.bridge):
+                    raise InvalidInput(f"{req.bridge!r} is not a bridge: VMs can only join a bridge")
                 spec = NetworkSpec(name=req.name, mode="bridge", bridge=req.bridge, dhcp=False, owns_bridge=False)
             else:
                 subnet = req.subnet or self._free_subnet(req.name)
@@ -258,8 +261,8 @@ class NetworkService:
 
     def _bring_up(self, spec: NetworkSpec) -> None:
         if spec.mode == "bridge":
-            if not links.link_exists(spec.bridge):
-                raise Conflict(f"the host bridge {spec.bridge!r} of network {spec.name!r} is gone")
+            if not links.is_bridge(spec.bridge):
+                raise Conflict(f"the host bridge {spec.bridge!r} of network {spec.name!r} is gone (or not a bridge)")
             return
         net = ipaddress.IPv4Network(spec.subnet or "")
         links.ensure_bridge(spec.bridge, address=f"{spec.gateway}/{net.prefixlen}")
@@ -353,6 +356,15 @@ class NetworkService:
             await self._replace(spec.model_copy(update={"forwards": kept}))
         return self.info(name)
 
+    async def vm_nic_gone(self, network: str, mac: str) -> None:
+        """A NIC left the network: the forwards to it go too."""
+        if not self.exists(network):
+            return
+        async with self._lock:
+            spec = self.spec(network)
+            if any(f.mac == mac for f in spec.forwards):
+                await self._replace(spec.model_copy(update={"forwards": [f for f in spec.forwards if f.mac != mac]}))
+
     async def vm_gone(self, vm: str) -> None:
         """A deleted VM's forwards go with it."""
         for spec, _, _ in self._store.networks():
@@ -398,12 +410,8 @@ class NetworkService:
         await asyncio.to_thread(self._remove_strays, rows)
 
     def _remove_strays(self, rows: dict[str, tuple[NetworkSpec, bool, bool]]) -> None:
-        ours = {spec.bridge for spec, _, _ in rows.values() if spec.owns_bridge}
-        for link in links.links_with_prefix(BRIDGE_PREFIX):
-            # Only bridges: a tap vk-VM-N belongs to a running QEMU and goes with it.
-            if link not in ours and links.is_bridge(link):
-                log.info("removing bridge %s of a network that no longer exists", link)
-                links.delete_link(link)
+        # No bridge is removed here: a network's row exists before its bridge and goes after it, so a bridge
+        # without a row is not vmkit's, whatever its name (a host bridge called vk-lan, joined by a bridge network).
         tables = {nft.table_name(name) for name in rows}
         for table in nft.vmkit_tables():
             if table not in tables:
