@@ -377,9 +377,9 @@ def table(title: str, head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) ->
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5, help="network creates and deletes")
-    ap.add_argument("--starts", type=int, default=10, help="VM starts for each NIC count")
-    ap.add_argument("--mib", type=int, default=16, help="MiB sent per throughput round")
-    ap.add_argument("--rounds", type=int, default=3, help="throughput rounds")
+    ap.add_argument("--starts", type=int, default=15, help="VM starts for each NIC count")
+    ap.add_argument("--mib", type=int, default=8, help="MiB sent per throughput round")
+    ap.add_argument("--rounds", type=int, default=5, help="throughput rounds")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     started = time.monotonic()
@@ -408,14 +408,16 @@ def main() -> None:
         f"networks, demo guest under {os.environ.get('VMKIT_ACCEL', 'tcg')}, "
         f"{os.cpu_count()} CPUs; load average at the end {load}; {elapsed:.0f} s in all"
     )
-    rows = [(k, fmt(v, "ms"), f"<= {TARGET_CREATE_S * 1000:.0f} ms" if "create" in k else "") for k, v in nets.items()]
+    rows: list[tuple[str, ...]] = [
+        (k, fmt(v, "ms"), f"<= {TARGET_CREATE_S * 1000:.0f} ms" if "create" in k else "") for k, v in nets.items()
+    ]
     table(
         f"networks through the API (bridge, address, dnsmasq, nftables table), {args.runs} runs",
         ("figure", "median", "target"),
         rows,
     )
     med = statistics.median
-    rows: list[tuple[str, ...]] = []
+    rows = []
     for n in nics["vmkit"]:
         vm, pl = nics["vmkit"][n], nics["plain"][n]
         per_nic = (med(vm) - med(nics["vmkit"][0])) / n if n else 0.0

@@ -185,3 +185,29 @@ def test_daemon_restart_keeps_a_joined_host_bridge_named_like_vmkits(bridged: La
     finally:
         d.cli("network", "delete", "vkh", check=False)
         host.run(["ip", "link", "del", "vk-host"], check=False)
+
+
+def test_bridge_network_made_on_an_uplink(bridged: Lan) -> None:
+    """`--uplink`: vmkit makes the bridge, moving the NIC's address and routes over, and moves them back on delete."""
+    d, host, lan = bridged.d, bridged.host, bridged.lan
+    veth(host, "up0", lan, "up0p")
+    host.run(["ip", "addr", "add", "203.0.113.2/24", "dev", "up0"])
+    lan.run(["ip", "addr", "add", "203.0.113.1/24", "dev", "up0p"])
+    host.run(["ip", "route", "add", "192.0.2.128/25", "via", "203.0.113.1"])
+    try:
+        n = json.loads(d.cli("network", "create", "upl", "--mode", "bridge", "--bridge", "vk-upbr", "--uplink", "up0",
+                             "--json").stdout)  # fmt: skip
+        assert n["bridge"] == "vk-upbr" and n["active"]
+        def addrs(dev: str) -> str:
+            return host.run(["ip", "-o", "-4", "addr", "show", "dev", dev]).stdout
+
+        assert "203.0.113.2/24" in addrs("vk-upbr") and "203.0.113.2" not in addrs("up0")
+        assert "vk-upbr" in host.run(["ip", "route", "show", "192.0.2.128/25"]).stdout
+        assert host.run(["busybox", "ping", "-c", "1", "-W", "2", "203.0.113.1"], check=False).returncode == 0
+        d.cli("network", "delete", "upl")
+        assert host.run(["ip", "link", "show", "dev", "vk-upbr"], check=False).returncode != 0
+        assert "203.0.113.2/24" in addrs("up0")
+        assert "up0" in host.run(["ip", "route", "show", "192.0.2.128/25"]).stdout
+    finally:
+        d.cli("network", "delete", "upl", check=False)
+        host.run(["ip", "link", "del", "up0"], check=False)

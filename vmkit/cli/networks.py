@@ -74,6 +74,8 @@ def network_create(c: Client, a: argparse.Namespace) -> int:
         body["subnet"] = a.subnet
     if a.bridge:
         body["bridge"] = a.bridge
+    if a.uplink:
+        body["uplink"] = a.uplink
     n = c.post(_url(), body)
     where = f"on {n['subnet']}, gateway {n['gateway']}" if n.get("subnet") else f"joining bridge {n['bridge']}"
     return _emit(a, n, f"network {n['name']} ({n['mode']}) created and started, {where}")
@@ -168,6 +170,11 @@ def add_parsers(nouns: Any, add: Any) -> None:
     sp.add_argument("--subnet", metavar="CIDR", help="e.g. 192.168.100.0/24 (default: a free 192.168.N.0/24)")
     sp.add_argument("--no-dhcp", action="store_true", help="no DHCP server (DNS stays)")
     sp.add_argument("--bridge", metavar="BR", help="bridge mode: the host bridge its VMs join")
+    sp.add_argument(
+        "--uplink",
+        metavar="IFACE",
+        help="bridge mode: make BR, enslaving this NIC (its addresses move over; back on delete)",
+    )
     sp.add_argument("--no-autostart", action="store_true", help="do not start it when the host boots")
     add(net, "start", _action("start", "started"), "start a network").add_argument("name")
     add(net, "stop", _action("stop", "stopped"), "stop a network (its VMs must be stopped)").add_argument("name")

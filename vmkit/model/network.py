@@ -84,6 +84,8 @@ class NetworkSpec(BaseModel):
     dhcp: bool = True
     # True when vmkit made the bridge (nat, isolated) and so removes it; a bridge network joins one of the host's.
     owns_bridge: bool = True
+    # bridge mode: the NIC vmkit enslaved to `bridge`, moving its addresses and routes over (back on delete).
+    uplink: str | None = None
     forwards: list[PortForward] = Field(default_factory=list)  # nat only
 
     @property
@@ -111,6 +113,13 @@ class CreateNetwork(BaseModel):
         str | None,
         Field(description="bridge mode: the host bridge to join", json_schema_extra={"pattern": LINK_NAME_PATTERN}),
     ] = None
+    uplink: Annotated[
+        str | None,
+        Field(
+            description="bridge mode: a host NIC to enslave to a new bridge (its addresses and routes move over)",
+            json_schema_extra={"pattern": LINK_NAME_PATTERN},
+        ),
+    ] = None
     autostart: bool = True
     start: bool = True
 
@@ -118,6 +127,11 @@ class CreateNetwork(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "network")
+
+    @field_validator("uplink")
+    @classmethod
+    def _uplink(cls, v: str | None) -> str | None:
+        return v if v is None else check_link(v)
 
     @field_validator("subnet")
     @classmethod
@@ -136,8 +150,8 @@ class CreateNetwork(BaseModel):
                 raise ValueError("a bridge network needs bridge: the host bridge its VMs join")
             if self.subnet is not None:
                 raise ValueError("a bridge network takes its addresses from the LAN: give no subnet")
-        elif self.bridge is not None:
-            raise ValueError(f"a {self.mode} network makes its own bridge: give no bridge")
+        elif self.bridge is not None or self.uplink is not None:
+            raise ValueError(f"a {self.mode} network makes its own bridge: give no bridge or uplink")
         return self
 
 

@@ -197,11 +197,18 @@ class NetworkService:
                 raise Conflict(f"a network named {req.name!r} already exists")
             if req.mode == "bridge":
                 assert req.bridge is not None  # CreateNetwork checks it
-                if not links.link_exists(req.bridge):
-                    raise InvalidInput(f"there is no bridge {req.bridge!r} on this host to join")
-                if not links.is_bridge(req.bridge):
+                if req.uplink is not None:
+                    if not links.link_exists(req.uplink):
+                        raise InvalidInput(f"there is no NIC {req.uplink!r} on this host")
+                    if links.link_exists(req.bridge) and not links.is_bridge(req.bridge):
+                        raise InvalidInput(f"{req.bridge!r} exists and is not a bridge")
+                elif not links.link_exists(req.bridge):
+                    raise InvalidInput(f"there is no bridge {req.bridge!r} on this host to join (or give --uplink)")
+                elif not links.is_bridge(req.bridge):
                     raise InvalidInput(f"{req.bridge!r} is not a bridge: VMs can only join a bridge")
-                spec = NetworkSpec(name=req.name, mode="bridge", bridge=req.bridge, dhcp=False, owns_bridge=False)
+                spec = NetworkSpec(
+                    name=req.name, mode="bridge", bridge=req.bridge, dhcp=False, owns_bridge=False, uplink=req.uplink
+                )
             else:
                 subnet = req.subnet or self._free_subnet(req.name)
                 self._check_subnet(subnet, req.name)
@@ -236,6 +243,10 @@ class NetworkService:
                 raise Conflict(f"network {name!r} is used by VM(s) {', '.join(users)}: remove their NICs first")
         await self.stop(name)
         async with self._lock:
+            spec = self.spec(name)
+            if spec.uplink is not None:
+                # The uplink gets its addresses and routes back; refused while other ports remain on the bridge.
+                await asyncio.to_thread(links.release_uplink_bridge, spec.bridge, spec.uplink)
             self._store.delete_network(name)
             shutil.rmtree(self._dir / name, ignore_errors=True)
 
@@ -261,6 +272,9 @@ class NetworkService:
 
     def _bring_up(self, spec: NetworkSpec) -> None:
         if spec.mode == "bridge":
+            if spec.uplink is not None:
+                # Idempotent: the bridge holds the uplink (and its addresses and routes) from then on.
+                links.make_uplink_bridge(spec.bridge, spec.uplink)
             if not links.is_bridge(spec.bridge):
                 raise Conflict(f"the host bridge {spec.bridge!r} of network {spec.name!r} is gone (or not a bridge)")
             return
