@@ -19,7 +19,7 @@ if False:  # typing costs ~2 ms at start-up; annotations are strings (PEP 563) a
     from typing import Any
 
 from vmkit.cli.client import ApiError, Client
-from vmkit.cli.output import ProgressBar, kv, print_json, print_table
+from vmkit.cli.output import ProgressBar, emit, kv, print_json, print_table
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.I)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -96,15 +96,6 @@ def quote(text: str) -> str:
 
 def _vm_url(name: str, action: str = "") -> str:
     return f"/v1/vms/{quote(name)}" + (f"/{action}" if action else "")
-
-
-def emit(a: argparse.Namespace, data: Any, text: str) -> int:
-    """Print data as JSON with --json, else the sentence for people."""
-    if a.json:
-        print_json(data)
-    else:
-        print(text)
-    return 0
 
 
 # ----- vm ---------------------------------------------------------------------------------------

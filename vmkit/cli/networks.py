@@ -9,7 +9,7 @@ if False:  # see vmkit.cli.main: typing is not imported at run time
     from typing import Any
 
 from vmkit.cli.client import Client
-from vmkit.cli.output import kv, print_json, print_table
+from vmkit.cli.output import emit, kv, print_json, print_table
 
 
 def _url(name: str = "", action: str = "") -> str:
@@ -33,14 +33,6 @@ def _show(n: dict[str, Any]) -> None:
             ("VMs", ", ".join(n.get("vms") or [])),
         ]
     )
-
-
-def _emit(a: argparse.Namespace, data: Any, text: str) -> int:
-    if a.json:
-        print_json(data)
-    else:
-        print(text)
-    return 0
 
 
 def network_list(c: Client, a: argparse.Namespace) -> int:
@@ -78,24 +70,24 @@ def network_create(c: Client, a: argparse.Namespace) -> int:
         body["uplink"] = a.uplink
     n = c.post(_url(), body)
     where = f"on {n['subnet']}, gateway {n['gateway']}" if n.get("subnet") else f"joining bridge {n['bridge']}"
-    return _emit(a, n, f"network {n['name']} ({n['mode']}) created and started, {where}")
+    return emit(a, n, f"network {n['name']} ({n['mode']}) created and started, {where}")
 
 
 def _action(verb: str, done: str) -> Any:
     def cmd(c: Client, a: argparse.Namespace) -> int:
-        return _emit(a, c.post(_url(a.name, verb)), f"network {a.name} {done}")
+        return emit(a, c.post(_url(a.name, verb)), f"network {a.name} {done}")
 
     return cmd
 
 
 def network_delete(c: Client, a: argparse.Namespace) -> int:
     c.request("DELETE", _url(a.name))
-    return _emit(a, {"deleted": a.name}, f"network {a.name} deleted")
+    return emit(a, {"deleted": a.name}, f"network {a.name} deleted")
 
 
 def network_autostart(c: Client, a: argparse.Namespace) -> int:
     n = c.request("PUT", _url(a.name, "autostart"), {"enabled": a.value == "on"})
-    return _emit(a, n, f"autostart of network {a.name} is {a.value}")
+    return emit(a, n, f"autostart of network {a.name} is {a.value}")
 
 
 def network_leases(c: Client, a: argparse.Namespace) -> int:
@@ -127,7 +119,7 @@ def forward_add(c: Client, a: argparse.Namespace) -> int:
     body = {"host_port": a.host_port, "vm": vm, "vm_port": int(port), "proto": a.proto}
     n = c.post(_url(a.name, "forwards"), body)
     f = next(x for x in n["forwards"] if x["host_port"] == a.host_port and x["proto"] == a.proto)
-    return _emit(a, n, f"{a.proto} port {a.host_port} of this host now goes to {vm}:{port} ({f['address']})")
+    return emit(a, n, f"{a.proto} port {a.host_port} of this host now goes to {vm}:{port} ({f['address']})")
 
 
 def forward_list(c: Client, a: argparse.Namespace) -> int:
@@ -141,7 +133,7 @@ def forward_list(c: Client, a: argparse.Namespace) -> int:
 
 def forward_delete(c: Client, a: argparse.Namespace) -> int:
     n = c.request("DELETE", _url(a.name, f"forwards/{a.proto}/{a.host_port}"))
-    return _emit(a, n, f"{a.proto} port {a.host_port} no longer forwarded")
+    return emit(a, n, f"{a.proto} port {a.host_port} no longer forwarded")
 
 
 def network_forward(c: Client, a: argparse.Namespace) -> int:

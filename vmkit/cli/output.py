@@ -25,6 +25,15 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     sys.stdout.write(table(headers, rows))
 
 
+def emit(a: Any, data: Any, text: str) -> int:
+    """Print data as JSON with --json (a.json), else the sentence for people."""
+    if a.json:
+        print_json(data)
+    else:
+        print(text)
+    return 0
+
+
 def human_size(n: int | None) -> str:
     """Bytes in binary units, as qemu-img prints them: 512 B, 64 MiB, 1.5 GiB."""
     if n is None:

@@ -9,7 +9,7 @@ if False:  # see vmkit.cli.main: typing is not imported at run time
     from typing import Any
 
 from vmkit.cli.client import Client
-from vmkit.cli.output import human_size, kv, print_json, print_table
+from vmkit.cli.output import emit, human_size, kv, print_json, print_table
 
 
 def _url(name: str = "", action: str = "") -> str:
@@ -60,11 +60,7 @@ def pool_info(c: Client, a: argparse.Namespace) -> int:
 
 def pool_create(c: Client, a: argparse.Namespace) -> int:
     p = c.post(_url(), {"name": a.name, "kind": "dir", "path": os.path.abspath(a.path)})
-    if a.json:
-        print_json(p)
-    else:
-        print(f"pool {p['name']} created at {p['path']}")
-    return 0
+    return emit(a, p, f"pool {p['name']} created at {p['path']}")
 
 
 def pool_refresh(c: Client, a: argparse.Namespace) -> int:
@@ -85,11 +81,7 @@ def pool_refresh(c: Client, a: argparse.Namespace) -> int:
 
 def pool_delete(c: Client, a: argparse.Namespace) -> int:
     c.request("DELETE", _url(a.name))
-    if a.json:
-        print_json({"deleted": a.name})
-    else:
-        print(f"pool {a.name} deleted")
-    return 0
+    return emit(a, {"deleted": a.name}, f"pool {a.name} deleted")
 
 
 def add_parsers(nouns: Any, add: Any) -> None:

@@ -9,7 +9,7 @@ if False:  # see vmkit.cli.main: typing is not imported at run time
     from typing import Any
 
 from vmkit.cli.client import Client
-from vmkit.cli.output import ProgressBar, human_size, kv, print_json, print_table
+from vmkit.cli.output import ProgressBar, emit, human_size, kv, print_json, print_table
 
 FORMATS = ("qcow2", "raw")
 PREALLOC = ("off", "metadata", "falloc", "full")
@@ -38,14 +38,6 @@ def _run(c: Client, a: argparse.Namespace, res: dict[str, Any], label: str) -> d
     if "operation" not in res:
         return res
     return dict(wait_operation(c, res["operation"], label, a.json)["result"])
-
-
-def _done(a: argparse.Namespace, vol: dict[str, Any], text: str) -> int:
-    if a.json:
-        print_json(vol)
-    else:
-        print(text)
-    return 0
 
 
 def _row(v: dict[str, Any]) -> list[Any]:
@@ -96,7 +88,7 @@ def volume_create(c: Client, a: argparse.Namespace) -> int:
     pool, name = _key(a.volume)
     body = {"name": name, "size_bytes": parse_size(a.size), "format": a.format, "prealloc": a.prealloc}
     vol = _run(c, a, c.post(f"/v1/pools/{quote(pool)}/volumes", body), f"creating {a.volume}")
-    return _done(a, vol, f"volume {vol['key']} created ({vol['format']}, {vol['provisioning']}, "
+    return emit(a, vol, f"volume {vol['key']} created ({vol['format']}, {vol['provisioning']}, "
                          f"{human_size(vol['capacity_bytes'])})")  # fmt: skip
 
 
@@ -109,13 +101,13 @@ def volume_resize(c: Client, a: argparse.Namespace) -> int:
         size = parse_size(a.size)
     body = {"size_bytes": size, "allow_shrink": a.allow_shrink}
     vol = _run(c, a, c.post(_url(a.volume, "resize"), body), f"resizing {a.volume}")
-    return _done(a, vol, f"volume {vol['key']} is now {human_size(vol['capacity_bytes'])}")
+    return emit(a, vol, f"volume {vol['key']} is now {human_size(vol['capacity_bytes'])}")
 
 
 def volume_convert(c: Client, a: argparse.Namespace) -> int:
     body = {"format": a.format, "prealloc": a.prealloc}
     vol = _run(c, a, c.post(_url(a.volume, "convert"), body), f"converting {a.volume}")
-    return _done(a, vol, f"volume {vol['key']} is now {vol['format']}, {vol['provisioning']}")
+    return emit(a, vol, f"volume {vol['key']} is now {vol['format']}, {vol['provisioning']}")
 
 
 def volume_clone(c: Client, a: argparse.Namespace) -> int:
@@ -125,7 +117,7 @@ def volume_clone(c: Client, a: argparse.Namespace) -> int:
     res = c.post(_url(a.source, "clone"), {"target": target, "linked": a.linked})
     vol = _run(c, a, res, f"cloning {a.source}")
     kind = f"linked clone (overlay on {a.source})" if a.linked else "full copy"
-    return _done(a, vol, f"volume {vol['key']} created: {kind}")
+    return emit(a, vol, f"volume {vol['key']} created: {kind}")
 
 
 def import_file(c: Client, key: str, path: str, quiet: bool) -> dict[str, Any]:
@@ -152,7 +144,7 @@ def import_file(c: Client, key: str, path: str, quiet: bool) -> dict[str, Any]:
 
 def volume_import(c: Client, a: argparse.Namespace) -> int:
     vol = import_file(c, a.volume, a.file, a.json)
-    return _done(a, vol, f"volume {vol['key']} imported ({vol['format']}, {human_size(vol['capacity_bytes'])})")
+    return emit(a, vol, f"volume {vol['key']} imported ({vol['format']}, {human_size(vol['capacity_bytes'])})")
 
 
 def volume_export(c: Client, a: argparse.Namespace) -> int:
@@ -173,12 +165,12 @@ def volume_export(c: Client, a: argparse.Namespace) -> int:
     finally:
         if bar:
             bar.done()
-    return _done(a, {"volume": a.volume, "file": a.file, "bytes": size}, f"{a.volume} written to {a.file}")
+    return emit(a, {"volume": a.volume, "file": a.file, "bytes": size}, f"{a.volume} written to {a.file}")
 
 
 def volume_delete(c: Client, a: argparse.Namespace) -> int:
     c.request("DELETE", _url(a.volume))
-    return _done(a, {"deleted": a.volume}, f"volume {a.volume} deleted")
+    return emit(a, {"deleted": a.volume}, f"volume {a.volume} deleted")
 
 
 def add_parsers(nouns: Any, add: Any) -> None:

@@ -89,6 +89,16 @@ async def attach_nic(mon: Monitor, nic: NicSpec, tap: int) -> None:
 async def detach_nic(mon: Monitor, name: str, *, timeout_s: float = DETACH_TIMEOUT_S) -> None:
     """Hot-unplug NIC `name`: the guest acknowledges (DEVICE_DELETED), then its netdev goes, and with it the tap
     (QEMU held the last descriptor). UnplugTimeout as for disks."""
+    await _unplug(mon, name, timeout_s)  # False (already gone) is fine: only the netdev is left to drop
+    with contextlib.suppress(ExecuteError):  # already gone with an earlier, late acknowledgement
+        await mon.netdev_del(name)
+    log.info("detached %s", name)
+
+
+async def _unplug(mon: Monitor, name: str, timeout_s: float) -> bool:
+    """device_del the device of disk or NIC `name` and wait for the guest to let go of it. False when the device
+    was already gone (a guest that acknowledged an earlier request late); UnplugTimeout when the guest does not
+    answer within timeout_s: the device then stays, its removal pending."""
     dev = device_id(name)
     with mon.expect_event(EV_DEVICE_DELETED, lambda d: d.get("device") == dev) as deleted:
         try:
@@ -96,17 +106,16 @@ async def detach_nic(mon: Monitor, name: str, *, timeout_s: float = DETACH_TIMEO
         except ExecuteError as e:
             if e.error_class != "DeviceNotFound":
                 raise
-        else:
-            try:
-                await deleted.wait(timeout_s)
-            except TimeoutError as e:
-                raise UnplugTimeout(
-                    f"the guest did not release {name} within {timeout_s:g} s; it stays attached and its removal "
-                    "pending: the guest may still let it go"
-                ) from e
-    with contextlib.suppress(ExecuteError):  # already gone with an earlier, late acknowledgement
-        await mon.netdev_del(name)
-    log.info("detached %s", name)
+            return False
+        try:
+            await deleted.wait(timeout_s)
+        except TimeoutError as e:
+            raise UnplugTimeout(
+                f"the guest did not release {name} within {timeout_s:g} s (is it paused, still booting, or without "
+                "PCI hotplug support?); it stays attached and its removal pending: the guest may still let it go, "
+                "or detach it again"
+            ) from e
+    return True
 
 
 # ----- disks ----------------------------------------------------------------------------------------------
@@ -146,25 +155,11 @@ async def detach_disk(mon: Monitor, node: str, *, timeout_s: float = DETACH_TIME
     request stays pending, so the guest may still release it later; the caller should then call release_disk
     (on DEVICE_DELETED for `{node}-dev`), or call detach_disk again, which finishes the job once the device is
     gone. Raises HotplugError when the VM has no such disk."""
-    dev = device_id(node)
-    with mon.expect_event(EV_DEVICE_DELETED, lambda d: d.get("device") == dev) as deleted:
-        try:
-            await mon.device_del(dev)
-        except ExecuteError as e:
-            if e.error_class != "DeviceNotFound":
-                raise
-            # Already gone: a guest that acknowledged an earlier request late. Only the clean-up is left.
-            if not await release_disk(mon, node):
-                raise HotplugError(f"no disk {node} is attached") from e
-            return
-        try:
-            await deleted.wait(timeout_s)
-        except TimeoutError as e:
-            raise UnplugTimeout(
-                f"the guest did not release {node} within {timeout_s:g} s (is it paused, still booting, or without "
-                "PCI hotplug support?); it stays attached and its removal pending: the guest may still let it go, "
-                "or detach it again"
-            ) from e
+    # Already gone (a guest that acknowledged an earlier request late): only the clean-up is left.
+    if not await _unplug(mon, node, timeout_s):
+        if not await release_disk(mon, node):
+            raise HotplugError(f"no disk {node} is attached")
+        return
     await release_disk(mon, node)
     log.info("detached %s", node)
 
