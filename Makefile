@@ -29,3 +29,4 @@ bench: deps
 	.venv/bin/python bench/ui.py
 	.venv/bin/python bench/console_echo.py
 	.venv/bin/python bench/storage.py
+	.venv/bin/python bench/network.py

@@ -8,12 +8,18 @@ QEMU in another. Nothing touches the machine's own namespace; the guests only ta
 
 (1) POST /v1/networks (nat and isolated: bridge, address, dnsmasq, nftables table) and DELETE, through the API.
 (2) `vm start` -> running (the API call, as bench/lifecycle.py measures it) for the demo VM with 0, 1 and 4 NICs
-    on a nat network; runs interleaved, the VM destroyed after each start (not booted to READY).
+    on a nat network, the VM destroyed after each start (not booted to READY); after each, plain QEMU with the
+    argv vmkit ran (bench/replay.py), its NICs on taps made beforehand: spawn -> running, what QEMU itself
+    spends per NIC. Interleaved rounds; the first is not counted. The daemon runs under `ip netns exec`, which
+    mounts a sysfs of its own on /sys and hides /sys/fs/cgroup: VMs start without cgroups here (bench/lifecycle.py
+    has the figure with them).
 (3) TCP throughput between two demo VMs (256 MiB, 1 vCPU, TCG) on a vmkit nat network (a Linux bridge):
     busybox `nc -l` in one, `dd if=/dev/zero bs=64k | nc` in the other; the sending guest times itself from
     /proc/uptime (busybox nc half-closes at the end of its input and exits when the receiver closes: the time
-    covers delivery). Next to it, two plain QEMU processes with vmkit's own argv (bench/replay.py) on a bridge
-    and taps made by hand (`ip tuntap`, `ip link set master`), the same guest commands sent over the guest agent.
+    covers delivery). Next to it, two plain QEMU processes with vmkit's own argv on a bridge and taps made by
+    hand (`ip tuntap`, `ip link set master`; static addresses, no DHCP there), the same guest commands sent over
+    the guest agent; and the same nc pair over loopback inside one guest, the ceiling the guest's emulated CPU
+    sets without any network. Rounds alternate the three, so they share the machine's load of the moment.
 """
 
 from __future__ import annotations
@@ -186,10 +192,14 @@ def networks(d: Daemon, runs: int) -> dict[str, list[float]]:
 
 
 def tap_by_name(argv: list[str], prefix: str) -> list[str]:
-    """vmkit's NICs (taps handed over as fds) as taps QEMU opens itself by name: PREFIX0, PREFIX1, ..."""
-    return [
-        re.sub(r"^tap,id=net(\d+),fd=\d+", rf"tap,id=net\1,ifname={prefix}\1,script=no,downscript=no", a) for a in argv
-    ]
+    """vmkit's NICs (taps handed over as fds) as taps QEMU opens itself by name: PREFIX0, PREFIX1, ... in order."""
+    out, k = [], 0
+    for a in argv:
+        if re.match(r"tap,id=[^,]+,fd=\d+", a):
+            a = re.sub(r",fd=\d+", f",ifname={prefix}{k},script=no,downscript=no", a, count=1)
+            k += 1
+        out.append(a)
+    return out
 
 
 def in_netns(ns: Netns) -> Callable[[], None]:
@@ -420,20 +430,22 @@ def main() -> None:
     rows = []
     for n in nics["vmkit"]:
         vm, pl = nics["vmkit"][n], nics["plain"][n]
-        per_nic = (med(vm) - med(nics["vmkit"][0])) / n if n else 0.0
-        plain_per_nic = (med(pl) - med(nics["plain"][0])) / n if n else 0.0
+        # Per NIC: the median over rounds of (n NICs - 0 NICs) / n, each pair from the same round.
+        per_nic = [(a - b) / n for a, b in zip(vm, nics["vmkit"][0], strict=True)] if n else []
+        plain_per_nic = [(a - b) / n for a, b in zip(pl, nics["plain"][0], strict=True)] if n else []
         rows.append(
             (
                 f"{n} NIC{'s' if n != 1 else ''}",
                 fmt(vm, "ms"),
-                f"{per_nic * 1000:+.1f} ms" if n else "",
+                f"{med(per_nic) * 1000:+.1f} ms" if n else "",
                 fmt(pl, "ms"),
-                f"{plain_per_nic * 1000:+.1f} ms" if n else "",
+                f"{med(plain_per_nic) * 1000:+.1f} ms" if n else "",
                 f"<= {TARGET_PER_NIC_S * 1000:.0f} ms" if n else "",
             )
         )
     table(
-        f"start -> running by NICs on a nat network, {len(nics['vmkit'][0])} starts each (medians; QEMU not booted)",
+        f"start -> running by NICs on a nat network, {len(nics['vmkit'][0])} starts each (medians; per NIC: "
+        "paired with the 0-NIC start of the same round; VMs not booted)",
         ("NICs", "vmkit: start call", "per NIC", "plain QEMU: spawn", "per NIC", "target per NIC"),
         rows,
     )

@@ -198,6 +198,7 @@ def test_bridge_network_made_on_an_uplink(bridged: Lan) -> None:
         n = json.loads(d.cli("network", "create", "upl", "--mode", "bridge", "--bridge", "vk-upbr", "--uplink", "up0",
                              "--json").stdout)  # fmt: skip
         assert n["bridge"] == "vk-upbr" and n["active"]
+
         def addrs(dev: str) -> str:
             return host.run(["ip", "-o", "-4", "addr", "show", "dev", dev]).stdout
 
