@@ -231,6 +231,8 @@ async def serve(cfg: DaemonConfig) -> None:
     if said:
         log.warning(said) if "not" in said or "in use" in said else log.info(said)
     await vms.load()
+    # dnsmasq was (re)started before the VMs were known: tell it their names now.
+    await networks.refresh_hosts()
     stats = StatsService(vms)
     stats.start()
     svc = Services(
@@ -343,6 +345,7 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its DEBUG lines would drown -v
     cfg = DaemonConfig.from_env(
         state_dir, run_dir, sock, id_range, listen=listen, tls=tls, tls_cert=tls_cert, tls_key=tls_key
     )

@@ -165,9 +165,17 @@ def test_nic_hotplug_seen_by_the_guest(net: tuple[Daemon, Netns, Netns]) -> None
 def test_daemon_killed_then_back_and_cleanup(net: tuple[Daemon, Netns, Netns]) -> None:
     d, host, _ = net
     a, b = (lease_of(d, n) for n in ("ia", "ib"))
+    # A VM with two NICs on one network: one DNS name each (the VM's, then VM-netN).
+    d.cli("vm", "create", "two", "--network", "iso1", "--network", "iso1")
+    hostsfile = d.run_dir / "networks" / "iso1" / "dnsmasq.hostsfile"
     d.kill9()
     d.start()
     assert pings(d, "ia", b) and pings(d, "ib", a)  # guests kept their network through the daemon's death
+    # dnsmasq knows every VM's name again after the restart: guests resolve each other.
+    names = hostsfile.read_text()
+    assert all(n in names for n in (",ia", ",ib", ",two", ",two-net1")), names
+    assert b in sh(d, "ia", "nslookup ib 192.168.210.1").stdout
+    d.cli("vm", "delete", "two")
     for vm in ("ia", "ib", "ic", "na"):
         d.cli("vm", "stop", vm, "--force")
     assert "used by" in d.cli("network", "delete", "iso1", check=False).stderr

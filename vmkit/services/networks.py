@@ -308,6 +308,14 @@ class NetworkService:
         if spec.owns_bridge:
             links.delete_link(spec.bridge)
 
+    async def refresh_hosts(self) -> None:
+        """Give every started network's dnsmasq the VMs' names (once VMs are loaded, at daemon start)."""
+        for name in self._rows():
+            try:
+                await self.hosts_changed(name)
+            except (VmkitError, OSError) as e:
+                log.warning("network %s: %s", name, getattr(e, "message", e))
+
     async def hosts_changed(self, name: str) -> None:
         """A VM's NIC joined or left: give dnsmasq the new MAC → name list (static names for DNS)."""
         rows = self._rows()

@@ -696,7 +696,12 @@ class VmService:
 
     def network_hosts(self, name: str) -> list[tuple[str, str]]:
         """(MAC, VM name) of every NIC on network `name`: dnsmasq names the leases after their VMs."""
-        return [(n.mac, vm.spec.name) for vm in self.runtimes() for n in vm.spec.nics if n.network == name]
+        out = []
+        for vm in self.runtimes():
+            on_it = [n for n in vm.spec.nics if n.network == name]
+            # The VM's name for its first NIC there, NAME-netN for more (one name per address in DNS).
+            out += [(n.mac, vm.spec.name if k == 0 else f"{vm.spec.name}-{n.name}") for k, n in enumerate(on_it)]
+        return out
 
     async def ifaddr(self, name: str, *, source: str) -> list[dict[str, Any]]:
         """The guest's addresses like `virsh domifaddr`: from the networks' DHCP leases, or from its agent."""
