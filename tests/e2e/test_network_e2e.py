@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CACHE_DIR, Daemon
+from tests.conftest import CACHE_DIR, FAKE_QEMU, Daemon
 from tests.e2e.guest import boot
 from tests.netns import Netns, namespaces, veth
 
@@ -90,6 +90,29 @@ def test_isolated_networks(net: tuple[Daemon, Netns, Netns]) -> None:
     links = host.run(["ip", "-o", "link"]).stdout
     assert "vk-iso1" in links and "vk-ia-0" in links
     assert "vmkit" in host.run(["nft", "list", "tables"]).stdout
+
+
+def test_two_daemons_share_a_host(net: tuple[Daemon, Netns, Netns]) -> None:
+    """A second vmkit (another state dir) on the same host: same network names, its own bridges and tables, and
+    neither its start nor its stop touches the first one's."""
+    d, host, _ = net
+    tables = host.run(["nft", "list", "tables"]).stdout
+    root = Path(tempfile.mkdtemp(prefix="vmkit-net2-"))
+    root.chmod(0o711)
+    other = Daemon(root, {"VMKIT_QEMU": str(FAKE_QEMU)}, netns=host.name)
+    try:
+        other.start()
+        n = j(other, "network", "create", "iso1", "--mode", "isolated", "--subnet", "192.168.220.0/24")
+        assert n["bridge"] != "vk-iso1"  # the first daemon's iso1 has that one
+        assert f"vmkit-{n['bridge']}" in host.run(["nft", "list", "tables"]).stdout
+        other.stop()
+        other.start()  # its start removes nothing of the first daemon's
+        other.cli("network", "delete", "iso1")
+    finally:
+        other.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+    assert host.run(["nft", "list", "tables"]).stdout == tables
+    assert pings(d, "ia", lease_of(d, "ib"))
 
 
 def test_nat_reaches_the_uplink_as_the_host(net: tuple[Daemon, Netns, Netns]) -> None:

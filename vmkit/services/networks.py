@@ -2,13 +2,13 @@
 
 What a started network is, on the host (all in the daemon's own network namespace):
 - nat / isolated: a Linux bridge vmkit made (`vk-NAME`), the subnet's first address on it, one dnsmasq serving
-  DHCP and DNS on that bridge only, and vmkit's own nftables table for the network (masquerade + forward rules
-  for nat; a fence for isolated); IP forwarding on for nat.
+  DHCP and DNS on that bridge only, and vmkit's own nftables table for the network (`inet vmkit-BRIDGE`:
+  masquerade + forward rules for nat; a fence for isolated); IP forwarding on for nat.
 - bridge: an existing host bridge that VMs' taps join; nothing of vmkit's besides the taps.
 
 The row's `active` flag is what the user asked for. At daemon start (`load`) every network is brought to it:
 missing pieces are made again (after a host reboot, a crash, or someone deleting a bridge), and pieces vmkit made
-for networks that no longer exist — tables `vmkit-*`, dnsmasq dirs — are removed (never a bridge: see
+for networks that no longer exist — dnsmasq and its files — are removed (never a bridge or a table: see
 _remove_strays). Starting and stopping are idempotent, so a daemon killed half-way through either is finished
 by the next `load`.
 """
@@ -119,9 +119,12 @@ class NetworkService:
 
     @staticmethod
     def _rules(spec: NetworkSpec) -> nft.NetRules:
+        """The network's nftables rules, in a table named after its bridge (`vmkit-vk-NAME`): a bridge name is
+        unique in a network namespace, a network name only in one state dir, and two vmkit daemons may share a
+        host (each with its `default`)."""
         forwards = tuple(nft.Forward(f.proto, f.host_port, f.address, f.vm_port) for f in spec.forwards)
         return nft.NetRules(
-            network=spec.name, mode=spec.mode, bridge=spec.bridge, subnet=spec.subnet, forwards=forwards
+            network=spec.bridge, mode=spec.mode, bridge=spec.bridge, subnet=spec.subnet, forwards=forwards
         )
 
     def info(self, name: str) -> NetworkInfo:
@@ -282,7 +285,8 @@ class NetworkService:
         links.ensure_bridge(spec.bridge, address=f"{spec.gateway}/{net.prefixlen}")
         if spec.mode == "nat":
             links.set_ip_forward(True)
-        nft.apply(self._rules(spec))
+        if spec.mode != "bridge":  # a bridged LAN is not filtered: no table at all
+            nft.apply(self._rules(spec))
         cfg = self._dnsmasq(spec)
         if cfg is not None:
             # Passable (not readable) for dnsmasq's own user, whatever the daemon's umask.
@@ -304,7 +308,8 @@ class NetworkService:
         cfg = self._dnsmasq(spec)
         if cfg is not None:
             dnsmasq.stop(cfg)
-        nft.delete(spec.name)
+        if spec.owns_bridge:
+            nft.delete(spec.bridge)
         if spec.owns_bridge:
             links.delete_link(spec.bridge)
 
@@ -432,13 +437,9 @@ class NetworkService:
         await asyncio.to_thread(self._remove_strays, rows)
 
     def _remove_strays(self, rows: dict[str, tuple[NetworkSpec, bool, bool]]) -> None:
-        # No bridge is removed here: a network's row exists before its bridge and goes after it, so a bridge
-        # without a row is not vmkit's, whatever its name (a host bridge called vk-lan, joined by a bridge network).
-        tables = {nft.table_name(name) for name in rows}
-        for table in nft.vmkit_tables():
-            if table not in tables:
-                log.info("removing nftables table %s of a network that no longer exists", table)
-                nft.delete_table(table)
+        # No bridge and no nftables table is removed here: a network's row exists before them and goes after them,
+        # so one without a row is not this daemon's, whatever its name (a host bridge called vk-lan; the table of
+        # another vmkit daemon on the same host). Only dnsmasq dirs in this daemon's own run dir are certain.
         if self._dir.is_dir():
             for d in self._dir.iterdir():
                 if d.name not in rows:
