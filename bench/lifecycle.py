@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.replay import plain_argv  # noqa: E402
+from bench.replay import plain_argv, wait_running  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402 - the same daemon harness the tests use
 
 READY = b"VMKIT-DEMO-READY"
@@ -67,26 +66,11 @@ def plain_qemu(argv: list[str], vm: dict, work: Path) -> tuple[float, float]:
     t0 = time.monotonic()
     proc = subprocess.Popen(out, pass_fds=[sock.fileno()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
     sock.close()
-    c = socket.socket(socket.AF_UNIX)
-    c.connect(str(work / "qmp.sock"))
-    # The greeting comes from QEMU's monitor thread before the machine is built: "running" is when
-    # query-status (answered by the main loop) says so, as vmkit's `cont` returning is for vmkit.
-    f = c.makefile("rw")
-    f.readline()
-    f.write('{"execute":"qmp_capabilities"}\n')
-    f.flush()
-    f.readline()
-    while True:
-        f.write('{"execute":"query-status"}\n')
-        f.flush()
-        if '"running"' in f.readline():
-            break
+    wait_running(work / "qmp.sock", proc)
     running = time.monotonic() - t0
     ready = wait_for(log, READY) - t0
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    f.close()
-    c.close()
     return running, ready
 
 

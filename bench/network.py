@@ -38,13 +38,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.replay import plain_argv  # noqa: E402
+from bench.replay import plain_argv, table, wait_running  # noqa: E402
 from tests.conftest import CACHE_DIR, Daemon  # noqa: E402 - the same daemon harness the tests use
 from tests.netns import Netns, namespaces  # noqa: E402
 
@@ -225,23 +225,8 @@ def plain_start(ns: Netns, argv: list[str], vm: dict[str, Any], work: Path) -> f
     )
     sock.close()
     try:
-        with socket.socket(socket.AF_UNIX) as c:
-            c.connect(str(work / "qmp.sock"))
-            f = c.makefile("rw")
-            f.readline()
-            f.write('{"execute":"qmp_capabilities"}\n')
-            f.flush()
-            f.readline()
-            while True:
-                f.write('{"execute":"query-status"}\n')
-                f.flush()
-                line = f.readline()
-                if not line:
-                    raise RuntimeError(f"plain QEMU ended: {proc.stderr.read().decode() if proc.stderr else ''}")
-                if '"running"' in line:
-                    break
-            elapsed = time.monotonic() - t0
-            f.close()
+        wait_running(work / "qmp.sock", proc)
+        elapsed = time.monotonic() - t0
     finally:
         proc.kill()
         proc.wait()
@@ -375,13 +360,6 @@ def fmt(values: list[float], unit: str = "s") -> str:
     if unit == "MB/s":
         return f"{statistics.median(values):.1f} MB/s (min {min(values):.1f}, max {max(values):.1f})"
     return f"{statistics.median(values):.3f} s (min {min(values):.3f}, max {max(values):.3f})"
-
-
-def table(title: str, head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    print(f"\n{title}")
-    for r in (head, *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,34 @@ def plain_argv(argv: list[str], vm: dict[str, Any], work: Path) -> tuple[list[st
         a = re.sub(r"/dev/fdset/(\d+)", lambda m: files[sets[m.group(1)]], a)
         out.append(a)
     return out, listener
+
+
+def wait_running(qmp_sock: Path, proc: subprocess.Popen[bytes]) -> None:
+    """Return once a plain QEMU (started by plain_argv's argv) is running. The greeting comes from QEMU's monitor
+    thread before the machine is built: "running" is when query-status (answered by the main loop) says so, as
+    vmkit's `cont` returning is for vmkit."""
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(str(qmp_sock))
+        f = c.makefile("rw")
+        f.readline()
+        f.write('{"execute":"qmp_capabilities"}\n')
+        f.flush()
+        f.readline()
+        while True:
+            f.write('{"execute":"query-status"}\n')
+            f.flush()
+            line = f.readline()
+            if not line:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"plain QEMU ended: {err}")
+            if '"running"' in line:
+                f.close()
+                return
+
+
+def table(title: str, head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """A bench's table: left-aligned columns under a title."""
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    print(f"\n{title}")
+    for r in (head, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.replay import table  # noqa: E402
 from vmkit.storage import files, qemu_img  # noqa: E402
 
 GiB = 1024**3
@@ -214,13 +215,6 @@ def through_api(work: Path, src: Path, runs: int) -> dict[str, list[float]]:
     finally:
         d.cleanup()
     return out
-
-
-def table(title: str, head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    print(f"\n{title}")
-    for r in (head, *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def main() -> None:
