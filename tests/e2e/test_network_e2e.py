@@ -86,6 +86,17 @@ def test_isolated_networks(net: tuple[Daemon, Netns, Netns]) -> None:
     assert pings(d, "ia", b) and pings(d, "ib", a)
     assert not pings(d, "ic", a)  # another isolated network: no way across
     assert not pings(d, "ia", UPLINK_LAN)  # and no way out
+    # /metrics counts each tap NIC's traffic, from the guest's side, under libvirt's names.
+    deadline = time.monotonic() + 10
+    sent = 0.0
+    while sent == 0 and time.monotonic() < deadline:
+        text = d.api.get("/metrics", raw=True).decode()
+        for line in text.splitlines():
+            if line.startswith("libvirt_domain_interface_stats_transmit_packets_total") and 'domain="ia"' in line:
+                assert 'target_device="vk-ia-0"' in line and 'virtual_interface="net0"' in line, line
+                sent = float(line.rsplit(" ", 1)[1])
+        time.sleep(0.5)
+    assert sent > 0  # DHCP and pings went out of ia
     # What vmkit built lives in the host namespace (not the machine's): bridges, taps, tables, dnsmasq.
     links = host.run(["ip", "-o", "link"]).stdout
     assert "vk-iso1" in links and "vk-ia-0" in links

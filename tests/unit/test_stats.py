@@ -12,13 +12,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vmkit.errors import NotFound
-from vmkit.model.stats import DiskSample, VmSample
+from vmkit.model.stats import DiskSample, NicSample, VmSample
 from vmkit.model.vm import VmSpec, VmState
 from vmkit.services import stats
 from vmkit.services.stats import Domain, RoundStats, StatsService, disk_samples, escape_label, exposition
 
 DOMAINS = [
-    Domain("web", "00000000-0000-4000-8000-000000000001", VmState.RUNNING, 2, 256, ("/var/lib/vmkit/vms/web/d.qcow2",)),
+    Domain(
+        "web",
+        "00000000-0000-4000-8000-000000000001",
+        VmState.RUNNING,
+        2,
+        256,
+        {"disk0": "/var/lib/vmkit/vms/web/d.qcow2"},
+    ),
     Domain("idle", "00000000-0000-4000-8000-000000000002", VmState.SHUTOFF, 1, 64),
 ]
 SAMPLE = VmSample(
@@ -28,6 +35,7 @@ SAMPLE = VmSample(
     rss_bytes=123_456_789,
     cgroup_memory_bytes=130_000_000,
     disks=(DiskSample("disk0", 1000, 2000, 10, 20, 3, 1_500_000_000, 2_000_000_000, 0),),
+    nics=(NicSample("net0", "vk-web-0", 100, 2, 0, 1, 300, 4, 0, 0),),
 )
 ROUNDS = RoundStats(interval_s=2.0, rounds=7, last_duration_s=0.5, total_duration_s=3.0, total_cpu_s=0.25)
 
@@ -111,8 +119,14 @@ def test_exposition_exact_lines() -> None:
         help_ = next(h for s, _, _, h in stats._BLOCK if s == suffix)
         block += f"# HELP {name} {help_}\n# TYPE {name} counter\n"
         block += f'{name}{{domain="web",source_file="/var/lib/vmkit/vms/web/d.qcow2",target_device="disk0"}} {value}\n'
+    iface = ""
+    for suffix, attr, help_ in stats._IFACE:
+        name = f"libvirt_domain_interface_stats_{suffix}"
+        iface += f"# HELP {name} {help_}\n# TYPE {name} counter\n"
+        value = getattr(SAMPLE.nics[0], attr)
+        iface += f'{name}{{domain="web",target_device="vk-web-0",virtual_interface="net0"}} {value}\n'
     # "idle" is shut off: its (stale) sample is not shown, only its info gauges.
-    assert text == EXPECTED.replace("VSTATE_HELP", stats._VSTATE_HELP) + block + EXPECTED_TAIL
+    assert text == EXPECTED.replace("VSTATE_HELP", stats._VSTATE_HELP) + block + iface + EXPECTED_TAIL
 
 
 def test_exposition_parses_with_prometheus_client() -> None:

@@ -25,6 +25,23 @@ class DiskSample:
 
 
 @dataclass(frozen=True, slots=True)
+class NicSample:
+    """One tap NIC's counters, from the guest's side (the host side of a tap counts the other way round, so
+    they are swapped, as libvirt's domifstat does)."""
+
+    name: str  # net0, net1, … as the VM's spec names them
+    tap: str  # the host's tap device
+    rx_bytes: int
+    rx_packets: int
+    rx_errors: int
+    rx_drops: int
+    tx_bytes: int
+    tx_packets: int
+    tx_errors: int
+    tx_drops: int
+
+
+@dataclass(frozen=True, slots=True)
 class VmSample:
     """What one sampling round saw of one running VM."""
 
@@ -37,6 +54,7 @@ class VmSample:
     rss_bytes: int | None  # QEMU's resident set (guest RAM it touched plus its own)
     cgroup_memory_bytes: int | None  # charged to the VM's cgroup: RSS plus page cache of its disk I/O
     disks: tuple[DiskSample, ...] | None  # None: QEMU did not answer query-blockstats in time
+    nics: tuple[NicSample, ...] = ()  # tap NICs only: QEMU's user-mode networking exposes no counters
 
 
 @dataclass(frozen=True, slots=True)

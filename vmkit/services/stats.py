@@ -29,9 +29,9 @@ built for them work. Emitted:
   (the last round, wall clock), `vmkit_stats_round_seconds_total` and `vmkit_stats_round_cpu_seconds_total`.
 
 Not emitted, and why:
-- `libvirt_domain_interface_stats_*`: every NIC today is QEMU user-mode networking (slirp), whose counters
-  QMP does not expose (no query for netdev or virtio-net counters; `query-stats` covers KVM only). They come
-  with tap NICs (vmkit networks), read from the host side of the tap.
+- `libvirt_domain_interface_stats_*` of user-mode (slirp) NICs: QMP exposes no counters for them (no query for
+  netdev or virtio-net counters; `query-stats` covers KVM only). Tap NICs (vmkit networks) have them, read from
+  the host side of the tap (labels `target_device` = the tap, `virtual_interface` = net0, …).
 - `libvirt_domain_memory_stats_*` other than rss (balloon: actual, unused, available, usable, swap, faults,
   disk cache): they need a virtio-balloon device with stats polling, which vmkit's guests do not have.
 - `libvirt_domain_vcpu_{state,cpu,wait_seconds_total,delay_seconds_total}`, `libvirt_domain_block_stats_`
@@ -50,10 +50,11 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmkit.errors import NotFound
-from vmkit.model.stats import DiskSample, VmSample, VmStatsHistory
+from vmkit.model.stats import DiskSample, NicSample, VmSample, VmStatsHistory
 from vmkit.model.vm import VmState
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Domain:
     state: VmState
     vcpus: int
     memory_mib: int
-    disk_paths: tuple[str, ...] = ()  # index = disk number
+    disk_paths: Mapping[str, str] = field(default_factory=dict)  # disk name (disk0, …) -> its file
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +150,56 @@ class RoundStats:
     last_duration_s: float
     total_duration_s: float
     total_cpu_s: float = 0.0
+
+
+# (metric suffix, NicSample attribute, help), as libvirt's exporter names them.
+_IFACE = (
+    ("receive_bytes_total", "rx_bytes", "Number of bytes received on a network interface, in bytes."),
+    ("receive_packets_total", "rx_packets", "Number of packets received on a network interface."),
+    ("receive_errors_total", "rx_errors", "Number of packet receive errors on a network interface."),
+    ("receive_drops_total", "rx_drops", "Number of packet receive drops on a network interface."),
+    ("transmit_bytes_total", "tx_bytes", "Number of bytes transmitted on a network interface, in bytes."),
+    ("transmit_packets_total", "tx_packets", "Number of packets transmitted on a network interface."),
+    ("transmit_errors_total", "tx_errors", "Number of packet transmit errors on a network interface."),
+    ("transmit_drops_total", "tx_drops", "Number of packet transmit drops on a network interface."),
+)
+# Host side of a tap: what it receives the guest sent. Guest-side name -> host-side counter file.
+_TAP_COUNTERS = {
+    "rx_bytes": "tx_bytes", "rx_packets": "tx_packets", "rx_errors": "tx_errors", "rx_drops": "tx_dropped",
+    "tx_bytes": "rx_bytes", "tx_packets": "rx_packets", "tx_errors": "rx_errors", "tx_drops": "rx_dropped",
+}  # fmt: skip
+
+
+def qemu_taps(pid: int) -> list[str]:
+    """The taps QEMU holds (from /proc/PID/fdinfo: a tun descriptor says `iff: NAME`), so a daemon restarted
+    while the VM runs finds them again without records of its own."""
+    taps = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return []
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                for line in fh:
+                    if line.startswith("iff:"):
+                        taps.append(line.split(":", 1)[1].strip())
+        except OSError:
+            continue
+    return sorted(taps)
+
+
+def nic_samples(pid: int) -> tuple[NicSample, ...]:
+    """Counters of QEMU's tap NICs. A tap is named …-N for NIC netN (services/networks.py tap_name)."""
+    out = []
+    for tap in qemu_taps(pid):
+        stats = Path(f"/sys/class/net/{tap}/statistics")
+        try:
+            values = {k: int((stats / v).read_text()) for k, v in _TAP_COUNTERS.items()}
+        except (OSError, ValueError):
+            continue
+        out.append(NicSample(name="net" + tap.rsplit("-", 1)[-1], tap=tap, **values))
+    return tuple(out)
 
 
 def escape_label(value: str) -> str:
@@ -221,6 +272,8 @@ def exposition(domains: Sequence[Domain], latest: Mapping[str, VmSample], rounds
     )
     for suffix, _, _, help_ in _BLOCK:
         f.declare(f"libvirt_domain_block_stats_{suffix}", "counter", help_)
+    for suffix, _, help_ in _IFACE:
+        f.declare(f"libvirt_domain_interface_stats_{suffix}", "counter", help_)
     f.declare(
         "vmkit_vm_cgroup_memory_bytes", "gauge", "Memory charged to the VM's cgroup (RSS and page cache), in bytes."
     )
@@ -256,8 +309,7 @@ def exposition(domains: Sequence[Domain], latest: Mapping[str, VmSample], rounds
         if s.cgroup_memory_bytes is not None:
             f.add("vmkit_vm_cgroup_memory_bytes", s.cgroup_memory_bytes, domain=dom)
         for disk in s.disks or ():
-            i = int(disk.name.removeprefix("disk"))
-            source = d.disk_paths[i] if i < len(d.disk_paths) else ""
+            source = d.disk_paths.get(disk.name, "")
             for suffix, attr, scale, _ in _BLOCK:
                 value = getattr(disk, attr)
                 f.add(
@@ -267,6 +319,10 @@ def exposition(domains: Sequence[Domain], latest: Mapping[str, VmSample], rounds
                     source_file=source,
                     target_device=disk.name,
                 )
+        for nic in s.nics:
+            for suffix, attr, _ in _IFACE:
+                f.add(f"libvirt_domain_interface_stats_{suffix}", getattr(nic, attr), domain=dom,
+                      target_device=nic.tap, virtual_interface=nic.name)  # fmt: skip
     for state, n in by_state.items():
         f.add("vmkit_vms", n, state=str(state))
     f.add("vmkit_stats_interval_seconds", rounds.interval_s)
@@ -348,7 +404,7 @@ class StatsService:
                 state=vm.state,
                 vcpus=vm.spec.vcpus,
                 memory_mib=vm.spec.memory_mib,
-                disk_paths=tuple(d.path for d in vm.spec.disks),
+                disk_paths={d.name: d.path for d in vm.spec.disks},
             )
             for vm in self._vms.runtimes()
         ]
@@ -389,6 +445,7 @@ class StatsService:
                     rss_bytes=rss,
                     cgroup_memory_bytes=cg_mem,
                     disks=disks,
+                    nics=self._nics(vm),
                 )
                 latest[vm.spec.name] = sample
                 self._track(vm).samples.append(sample)
@@ -403,6 +460,12 @@ class StatsService:
         # while it waited for QMP replies (little: a round takes milliseconds).
         self._cpu_s += time.thread_time() - cpu0
         self._rounds += 1
+
+    @staticmethod
+    def _nics(vm: VmRuntime) -> tuple[NicSample, ...]:
+        if vm.proc is None or not any(n.kind == "network" for n in vm.spec.nics):
+            return ()
+        return nic_samples(vm.proc.pid)
 
     def _track(self, vm: VmRuntime) -> _Track:
         track = self._tracks.get(vm.spec.name)

@@ -678,12 +678,14 @@ class VmService:
     def _open_taps(self, vm: VmRuntime, stack: contextlib.ExitStack) -> tuple[int | None, ...]:
         """A tap per network NIC, on its network's bridge, open for QEMU (closed here once it has its copy)."""
         fds: list[int | None] = []
-        for i, nic in enumerate(vm.spec.nics):
+        for nic in vm.spec.nics:
             if nic.kind != "network" or nic.network is None:
                 fds.append(None)
                 continue
             bridge = self._networks.bridge_for_start(nic.network)
-            fd = links.open_tap(tap_name(vm.spec.name, i, links.link_exists), bridge=bridge)
+            # Named after the NIC (netN → …-N), as a hot-plugged one is: the stats sampler maps taps back by it.
+            number = int(nic.name.removeprefix("net"))
+            fd = links.open_tap(tap_name(vm.spec.name, number, links.link_exists), bridge=bridge)
             stack.callback(os.close, fd)
             fds.append(fd)
         return tuple(fds)
