@@ -26,6 +26,10 @@ else
 fi
 
 "$VMKIT" image demo
+# The daemon made network `default` on its first start; it may have been stopped since (vmkit network stop).
+if "$VMKIT" network info default >/dev/null 2>&1; then
+  "$VMKIT" network start default >/dev/null
+fi
 if ! "$VMKIT" vm info demo >/dev/null 2>&1; then
   "$VMKIT" vm create demo --image demo --memory 256
 fi
