@@ -14,6 +14,8 @@ APT_PACKAGES=(
   python3 python3-venv                # the daemon and CLI
   util-linux                          # setpriv: QEMU starts as its VM's own uid, without capabilities
   dnsmasq-base nftables iproute2      # networks: DHCP/DNS per network, vmkit's own nft tables; tests use ip netns
+  openvswitch-switch                  # networks --mode ovs: vmkit runs its own ovsdb-server/ovs-vswitchd (userspace datapath)
+                                      # (private db/sockets under its run dir; vmkit never uses the system OVS service)
   ca-certificates
   openssl                             # the TCP listener's self-signed TLS pair
   chromium                            # tests/ui only: the web UI driven by Playwright (never its own browser download)

@@ -21,7 +21,9 @@ from vmkit.services.networks import bridge_name, tap_name
         ({"name": "n", "mode": "bridge", "bridge": "br0", "subnet": "10.0.0.0/24"}, "give no subnet"),
         ({"name": "n", "mode": "nat", "bridge": "br0"}, "give no bridge"),
         ({"name": "n", "mode": "bridge", "bridge": "this-name-is-too-long"}, "interface name"),
-        ({"name": "n", "mode": "ovs"}, "mode"),
+        ({"name": "n", "mode": "vde"}, "mode"),
+        ({"name": "n", "mode": "ovs", "subnet": "10.0.0.0/24"}, "layer-2 switch"),
+        ({"name": "n", "mode": "ovs", "bridge": "br0"}, "layer-2 switch"),
     ],
 )
 def test_bad_networks_are_refused(body: dict[str, object], message: str) -> None:
@@ -35,6 +37,10 @@ def test_nic_requests() -> None:
         NicRequest(network="default", mac="01:54:00:aa:bb:01")
     with pytest.raises(ValidationError):
         NicRequest(network="default", mac="52:54:00:aa:bb")
+    assert NicRequest(network="sw", trunks=[10, 20]).trunks == [10, 20]
+    for bad in ({"vlan": 0}, {"vlan": 4095}, {"trunks": []}, {"vlan": 10, "trunks": [20]}):
+        with pytest.raises(ValidationError):
+            NicRequest.model_validate({"network": "sw", **bad})
 
 
 def test_libvirt_shaped_defaults() -> None:

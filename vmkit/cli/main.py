@@ -278,8 +278,15 @@ def _nic_opts(text: str) -> dict[str, Any]:
             nic["network"] = item
         elif key in ("mac", "model"):
             nic[key] = value
+        elif key in ("vlan", "trunk") and all(v.isdigit() for v in value.split(";")):
+            if key == "vlan":
+                nic["vlan"] = int(value)
+            else:
+                nic["trunks"] = [int(v) for v in value.split(";")]
         else:
-            raise CliError(f"unknown NIC option {item!r} (use NET,mac=52:54:00:…,model=virtio|e1000)")
+            raise CliError(
+                f"unknown NIC option {item!r} (use NET,mac=52:54:00:…,model=virtio|e1000,vlan=N or trunk=N;M)"
+            )
     return nic
 
 
@@ -703,7 +710,7 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
         "--network",
         action="append",
         default=[],
-        metavar="NET[,mac=M][,model=virtio|e1000]",
+        metavar="NET[,mac=M][,model=virtio|e1000][,vlan=N|trunk=N;M]",
         help="a NIC on network NET (repeatable; 'user': QEMU's restricted user networking); default: 'default'",
     )
     sp.add_argument("--no-nic", action="store_true", help="no network card")

@@ -69,7 +69,12 @@ def network_create(c: Client, a: argparse.Namespace) -> int:
     if a.uplink:
         body["uplink"] = a.uplink
     n = c.post(_url(), body)
-    where = f"on {n['subnet']}, gateway {n['gateway']}" if n.get("subnet") else f"joining bridge {n['bridge']}"
+    if n["mode"] == "ovs":
+        where = f"an Open vSwitch bridge {n['bridge']}"
+    elif n.get("subnet"):
+        where = f"on {n['subnet']}, gateway {n['gateway']}"
+    else:
+        where = f"joining bridge {n['bridge']}"
     return emit(a, n, f"network {n['name']} ({n['mode']}) created and started, {where}")
 
 
@@ -158,7 +163,7 @@ def add_parsers(nouns: Any, add: Any) -> None:
     add(net, "info", network_info, "show one network").add_argument("name")
     sp = add(net, "create", network_create, "define and start a network")
     sp.add_argument("name")
-    sp.add_argument("--mode", choices=["nat", "isolated", "bridge"], default="nat")
+    sp.add_argument("--mode", choices=["nat", "isolated", "bridge", "ovs"], default="nat")
     sp.add_argument("--subnet", metavar="CIDR", help="e.g. 192.168.100.0/24 (default: a free 192.168.N.0/24)")
     sp.add_argument("--no-dhcp", action="store_true", help="no DHCP server (DNS stays)")
     sp.add_argument("--bridge", metavar="BR", help="bridge mode: the host bridge its VMs join")

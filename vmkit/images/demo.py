@@ -55,7 +55,8 @@ DISK_SIZE = "64M"
 # Bump whenever the build recipe changes in a way the hashed inputs below do not capture.
 # 2: the kernel is the uncompressed, trimmed ELF (vmlinux, PVH boot) instead of vmlinuz.
 # 3: the image also holds boot.qcow2 (BIOS-bootable syslinux disk) and installer.iso.
-RECIPE_VERSION = 3
+# 4: the 8021q module (VLAN interfaces in the guest).
+RECIPE_VERSION = 4
 
 # File names in an image directory besides the kernel.
 INITRD = "initrd.gz"
@@ -117,6 +118,7 @@ BASE_MODULES = (
     "net_failover",
     "virtio_net",
     "virtio_console",
+    "8021q",  # VLAN interfaces in the guest (a trunk port on an ovs network)
 )
 # Kernel options that must be built in or loaded for the ACPI power button to reach acpid, and the
 # module providing each when it is built as a module.

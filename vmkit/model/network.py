@@ -2,7 +2,8 @@
 
 Modes follow the seed and libvirt: `nat` (libvirt's `default`: its own bridge, DHCP and DNS, masquerade out),
 `isolated` (a bridge of its own with optional DHCP, no route anywhere), `bridge` (VMs join an existing host
-bridge, the LAN's DHCP serves them). Open vSwitch comes later.
+bridge, the LAN's DHCP serves them), `ovs` (an Open vSwitch bridge of vmkit's own OVS, a layer-2 switch whose
+ports are VLAN access or trunk ports; no addresses, DHCP or routing of vmkit's).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from vmkit.model.names import NAME_PATTERN, check_name
 
-NetworkMode = Literal["nat", "isolated", "bridge"]
+NetworkMode = Literal["nat", "isolated", "bridge", "ovs"]
+VlanId = Annotated[int, Field(ge=1, le=4094)]
 LINK_NAME_PATTERN = r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,14}$"  # IFNAMSIZ: 15 characters
 _LINK_RE = re.compile(LINK_NAME_PATTERN)
 MAC_PATTERN = r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"
@@ -145,6 +147,10 @@ class CreateNetwork(BaseModel):
 
     @model_validator(mode="after")
     def _fits_mode(self) -> CreateNetwork:
+        if self.mode == "ovs":
+            if self.subnet is not None or self.bridge is not None or self.uplink is not None:
+                raise ValueError("an ovs network is a layer-2 switch of vmkit's own: give no subnet, bridge or uplink")
+            return self
         if self.mode == "bridge":
             if self.bridge is None:
                 raise ValueError("a bridge network needs bridge: the host bridge its VMs join")
@@ -184,6 +190,15 @@ class NicRequest(BaseModel):
     network: Annotated[str, Field(json_schema_extra={"pattern": NAME_PATTERN})]
     mac: Annotated[str | None, Field(json_schema_extra={"pattern": MAC_PATTERN})] = None
     model: Literal["virtio", "e1000"] = "virtio"
+    # ovs networks: an access port of VLAN `vlan`, or a trunk port carrying `trunks` (tagged).
+    vlan: VlanId | None = None
+    trunks: Annotated[list[VlanId] | None, Field(min_length=1, max_length=64)] = None
+
+    @model_validator(mode="after")
+    def _one_vlan_kind(self) -> NicRequest:
+        if self.vlan is not None and self.trunks is not None:
+            raise ValueError("a NIC is an access port (vlan) or a trunk port (trunks), not both")
+        return self
 
     @field_validator("network")
     @classmethod

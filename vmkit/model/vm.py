@@ -110,6 +110,8 @@ class NicSpec(_Strict):
     network: str | None = None
     mac: Annotated[str, Field(pattern=r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")]
     model: Literal["virtio", "e1000"] = "virtio"
+    vlan: int | None = None  # ovs networks: access port of this VLAN
+    trunks: list[int] | None = None  # ovs networks: trunk port of these VLANs
 
 
 class VmSpec(_Strict):

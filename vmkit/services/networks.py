@@ -33,7 +33,7 @@ from vmkit.model.network import (
     NetworkSpec,
     PortForward,
 )
-from vmkit.net import dnsmasq, links, nft
+from vmkit.net import dnsmasq, links, nft, ovs
 from vmkit.store.db import Store
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class NetworkService:
         # (the state dir is root-only). Leases do not outlive a reboot; dnsmasq hashes MACs to addresses, so a
         # guest mostly gets its address back anyway.
         self._dir = run_dir / "networks"
+        self._ovs_dir = run_dir / "ovs"  # vmkit's own Open vSwitch (ovs networks), not the host's
         self._default_network = default_network
         self._lock = asyncio.Lock()
         # Set by the daemon once VMs are loaded: VMs with a NIC on a network, those running, and (MAC, VM name)
@@ -151,7 +152,8 @@ class NetworkService:
         return [self.info(name) for name in self._rows()]
 
     def bridge_for_start(self, name: str) -> str:
-        """The bridge a VM's tap joins; Conflict when the network is not started."""
+        """The bridge a VM's tap joins; Conflict when the network is not started. (For an ovs network the tap is
+        made a port of it by plug(), not enslaved.)"""
         rows = self._rows()
         if name not in rows:
             raise Conflict(f"no network named {name!r} (vmkit network list)")
@@ -159,6 +161,19 @@ class NetworkService:
         if not active:
             raise Conflict(f"network {name!r} is not started: vmkit network start {name}")
         return spec.bridge
+
+    def check_nic(self, name: str, vlan: int | None, trunks: list[int] | None) -> None:
+        """VLAN settings exist on ovs networks only."""
+        if (vlan is not None or trunks) and self.spec(name).mode != "ovs":
+            raise InvalidInput(f"network {name!r} is not an ovs network: VLAN tags and trunks need one")
+
+    def plug(self, name: str, tap: str, *, vlan: int | None = None, trunks: list[int] | None = None) -> None:
+        """Make tap a port of network `name`'s bridge (Linux bridge, or an OVS access/trunk port)."""
+        spec = self.spec(name)
+        if spec.mode == "ovs":
+            ovs.add_port(self._ovs_dir, spec.bridge, tap, tag=vlan, trunks=trunks)
+        else:
+            links.attach(tap, spec.bridge)
 
     def leases(self, name: str) -> list[Lease]:
         spec = self.spec(name)
@@ -212,6 +227,9 @@ class NetworkService:
                 spec = NetworkSpec(
                     name=req.name, mode="bridge", bridge=req.bridge, dhcp=False, owns_bridge=False, uplink=req.uplink
                 )
+            elif req.mode == "ovs":
+                taken = {s.bridge for s, _, _ in rows.values()} | set(links.links_with_prefix(BRIDGE_PREFIX))
+                spec = NetworkSpec(name=req.name, mode="ovs", bridge=bridge_name(req.name, taken), dhcp=False)
             else:
                 subnet = req.subnet or self._free_subnet(req.name)
                 self._check_subnet(subnet, req.name)
@@ -281,6 +299,10 @@ class NetworkService:
             if not links.is_bridge(spec.bridge):
                 raise Conflict(f"the host bridge {spec.bridge!r} of network {spec.name!r} is gone (or not a bridge)")
             return
+        if spec.mode == "ovs":
+            ovs.ensure(self._ovs_dir)
+            ovs.ensure_bridge(self._ovs_dir, spec.bridge)
+            return
         net = ipaddress.IPv4Network(spec.subnet or "")
         links.ensure_bridge(spec.bridge, address=f"{spec.gateway}/{net.prefixlen}")
         if spec.mode == "nat":
@@ -308,9 +330,12 @@ class NetworkService:
         cfg = self._dnsmasq(spec)
         if cfg is not None:
             dnsmasq.stop(cfg)
+        if spec.mode == "ovs":
+            if (self._ovs_dir / "db.sock").exists():
+                ovs.delete_bridge(self._ovs_dir, spec.bridge)
+            return
         if spec.owns_bridge:
             nft.delete(spec.bridge)
-        if spec.owns_bridge:
             links.delete_link(spec.bridge)
 
     async def refresh_hosts(self) -> None:

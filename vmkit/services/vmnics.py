@@ -3,16 +3,15 @@ detach-interface with --live --config). The spec changes only after QEMU has don
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import os
 from typing import Any
 
 from vmkit.errors import Conflict, InvalidInput, NotFound
 from vmkit.model.network import NicRequest
 from vmkit.model.vm import MAX_NICS, NicSpec, VmState
-from vmkit.net import links
 from vmkit.qemu import hotplug
-from vmkit.services.networks import NetworkService, tap_name
+from vmkit.services.networks import NetworkService
 from vmkit.services.vms import VmRuntime, VmService, _mac, _qmp
 
 
@@ -47,16 +46,15 @@ class VmNicService:
             else:
                 if not self._networks.exists(req.network):
                     raise NotFound(f"no network named {req.network!r} (vmkit network list)")
-                nic = NicSpec(name=nic_name, kind="network", network=req.network, mac=mac, model=req.model)
+                self._networks.check_nic(req.network, req.vlan, req.trunks)
+                nic = NicSpec(name=nic_name, kind="network", network=req.network, mac=mac, model=req.model,
+                              vlan=req.vlan, trunks=req.trunks)  # fmt: skip
             mon = self._live(vm)
             if mon is not None:
                 if nic.kind != "network" or nic.network is None:
                     raise InvalidInput("a user-mode NIC cannot be hot-plugged; add it while the VM is shut off")
-                bridge = self._networks.bridge_for_start(nic.network)
-                index = int(nic_name.removeprefix("net"))
-                with contextlib.ExitStack() as stack:
-                    fd = links.open_tap(tap_name(name, index, links.link_exists), bridge=bridge)
-                    stack.callback(os.close, fd)  # QEMU holds its own copy once it has it
+                with contextlib.ExitStack() as stack:  # QEMU holds its own copy of the tap once it has it
+                    fd = await asyncio.to_thread(self._vms.open_tap, name, nic, stack)
                     await _qmp(hotplug.attach_nic(mon, nic, fd))
             self._vms.save_spec(vm, vm.spec.model_copy(update={"nics": [*vm.spec.nics, nic]}))
         if nic.network:

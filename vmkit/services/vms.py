@@ -672,7 +672,10 @@ class VmService:
                 continue
             if not self._networks.exists(r.network):
                 raise NotFound(f"no network named {r.network!r} (vmkit network list)")
-            nics.append(NicSpec(kind="network", network=r.network, mac=mac(r.mac), model=r.model))
+            self._networks.check_nic(r.network, r.vlan, r.trunks)
+            nics.append(
+                NicSpec(kind="network", network=r.network, mac=mac(r.mac), model=r.model, vlan=r.vlan, trunks=r.trunks)
+            )
         return nics
 
     def _open_taps(self, vm: VmRuntime, stack: contextlib.ExitStack) -> tuple[int | None, ...]:
@@ -682,13 +685,21 @@ class VmService:
             if nic.kind != "network" or nic.network is None:
                 fds.append(None)
                 continue
-            bridge = self._networks.bridge_for_start(nic.network)
-            # Named after the NIC (netN → …-N), as a hot-plugged one is: the stats sampler maps taps back by it.
-            number = int(nic.name.removeprefix("net"))
-            fd = links.open_tap(tap_name(vm.spec.name, number, links.link_exists), bridge=bridge)
-            stack.callback(os.close, fd)
-            fds.append(fd)
+            fds.append(self.open_tap(vm.spec.name, nic, stack))
         return tuple(fds)
+
+    def open_tap(self, vm: str, nic: NicSpec, stack: contextlib.ExitStack) -> int:
+        """A tap for `nic`, a port of its network's bridge (closed by stack once QEMU has its copy). Named after
+        the NIC (netN → …-N), at start as at hot-plug: the stats sampler maps taps back by it."""
+        assert nic.network is not None
+        bridge = self._networks.bridge_for_start(nic.network)
+        ovs_port = self._networks.spec(nic.network).mode == "ovs"
+        name = tap_name(vm, int(nic.name.removeprefix("net")), links.link_exists)
+        fd = links.open_tap(name, bridge=None if ovs_port else bridge)
+        stack.callback(os.close, fd)
+        if ovs_port:
+            self._networks.plug(nic.network, name, vlan=nic.vlan, trunks=nic.trunks)
+        return fd
 
     def network_users(self, name: str) -> list[str]:
         return [vm.spec.name for vm in self.runtimes() if any(n.network == name for n in vm.spec.nics)]
