@@ -29,8 +29,22 @@ done
 if ((${#missing[@]})); then
   echo "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # vmkit runs its own dnsmasq and Open vSwitch instances: the packages' system services must not start (Open
+  # vSwitch's would try to load a kernel module these machines lack, and fail the install). Debian's way to
+  # say so is a policy-rc.d answering 101; one is put in place for the install when the machine has none.
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    made_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if [ -n "$made_policy" ]; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
 fi
 # The demo guest's kernel comes from `apt-get download`, which needs package lists.
 # (Captured first: `grep -q` closing the pipe early would fail the pipeline under pipefail.)
