@@ -96,6 +96,14 @@ def ensure(directory: Path) -> None:
         # The Open_vSwitch table's one row (ovs-ctl does the same); harmless when it exists.
         proc.run(["ovs-vsctl", f"--db=unix:{sock}", "--timeout=10", "--no-wait", "init"], env=env, timeout_s=_TIMEOUT_S)
     if _running_pid(d, "ovs-vswitchd") is None:
+        # Taps from QEMU's virtio-net hand over packets whose TCP checksum the guest left to be filled in later
+        # (offload); the userspace datapath fills it in only with TSO support on. Without it, ping works but no
+        # TCP segment arrives. Read at ovs-vswitchd's start, so set before it.
+        proc.run(
+            ["ovs-vsctl", f"--db=unix:{sock}", "--timeout=10", "--no-wait", "set", "Open_vSwitch", ".",
+             "other_config:userspace-tso-enable=true"],
+            env=env, timeout_s=_TIMEOUT_S,
+        )  # fmt: skip
         proc.run(
             [
                 "ovs-vswitchd",
