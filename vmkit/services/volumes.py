@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import stat
-import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -41,35 +40,16 @@ from vmkit.model.storage import (
 from vmkit.services.operations import Progress
 from vmkit.services.pools import PoolService
 from vmkit.storage import files, qemu_img
-from vmkit.storage.qcow2 import MAGIC as QCOW2_MAGIC
-from vmkit.storage.qcow2 import ImageError, backing_chain
+from vmkit.storage.qcow2 import ImageError, backing_chain, has_external_data, virtual_size
 from vmkit.store.db import Store, VolumeRow
 
 log = logging.getLogger(__name__)
 
-# qcow2 incompatible feature bit 2: the guest data lives in an external file named in the header.
-_QCOW2_EXTERNAL_DATA = 1 << 2
 UPLOAD_BUFFER = 8 * 1024 * 1024  # bytes gathered before each write during an upload
 
 
 def _no_progress(fraction: float, message: str) -> None:
     pass
-
-
-def _qcow2_header(path: Path) -> tuple[int, int]:
-    """(virtual size, incompatible feature bits) from a qcow2 header."""
-    with open(path, "rb") as f:
-        head = f.read(104)
-    if head[:4] != QCOW2_MAGIC or len(head) < 32:
-        raise ImageError(f"{path} is not a qcow2 image")
-    version = struct.unpack(">I", head[4:8])[0]
-    size = struct.unpack(">Q", head[24:32])[0]
-    incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
-    return size, incompatible
-
-
-def virtual_size(path: Path, fmt: str) -> int:
-    return _qcow2_header(path)[0] if fmt == "qcow2" else os.stat(path).st_size
 
 
 class VolumeService:
@@ -408,10 +388,10 @@ class VolumeService:
                 async for chunk in chunks:
                     buf += chunk
                     if len(buf) >= UPLOAD_BUFFER:
-                        await asyncio.to_thread(_write_all, fd, bytes(buf), tmp)
+                        await asyncio.to_thread(files.write_all, fd, bytes(buf), tmp)
                         buf.clear()
                 if buf:
-                    await asyncio.to_thread(_write_all, fd, bytes(buf), tmp)
+                    await asyncio.to_thread(files.write_all, fd, bytes(buf), tmp)
             finally:
                 os.close(fd)
             fmt = await asyncio.to_thread(self._check_new_image, tmp)
@@ -422,8 +402,7 @@ class VolumeService:
         """Detect a new file's format (once, now) and refuse images that would reach outside the pools."""
         fmt = files.detect_format(path)
         if fmt == "qcow2":
-            _, incompatible = _qcow2_header(path)
-            if incompatible & _QCOW2_EXTERNAL_DATA:
+            if has_external_data(path):
                 raise InvalidInput(
                     "a qcow2 with an external data file is not accepted (it names a file outside the pools)"
                 )
@@ -582,14 +561,3 @@ class VolumeService:
 def _convert_tmp(name: str) -> str:
     """The fixed temporary name of an in-place convert (recover() must find it again)."""
     return f".vmkit-tmp.{name}.convert"
-
-
-def _write_all(fd: int, data: bytes, path: Path) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError as e:
-        if e.errno == 28:  # ENOSPC
-            raise NoSpace(f"no space left on the device of {path.parent}") from None
-        raise

@@ -249,6 +249,18 @@ def copy_file(
         os.close(sfd)
 
 
+def write_all(fd: int, data: bytes, path: Path) -> None:
+    """Write all of data to fd (open on path); ENOSPC → NoSpace."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise _no_space(path, e) from e
+        raise
+
+
 def preallocate(path: Path, mode: str) -> None:
     """Reserve the blocks of a raw file (not qcow2: its allocation is qemu-img's business).
 

@@ -25,6 +25,8 @@ MAGIC = b"QFI\xfb"
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
 MAX_CHAIN = 64  # a loop or an absurd chain is refused rather than followed forever
+# Incompatible feature bit 2: the guest data lives in an external file named in the header.
+INCOMPAT_EXTERNAL_DATA = 1 << 2
 
 
 class ImageError(VmkitError):
@@ -35,6 +37,28 @@ class ImageError(VmkitError):
 class Backing:
     path: str
     format: str  # "qcow2" or "raw": as vmkit recorded it (format_of), else as in the header, else probed
+
+
+def _sizes(path: str | Path) -> tuple[int, int]:
+    """(virtual size, incompatible feature bits) from a qcow2 header."""
+    with open(path, "rb") as f:
+        head = f.read(104)
+    if head[:4] != MAGIC or len(head) < 32:
+        raise ImageError(f"{path} is not a qcow2 image")
+    version = struct.unpack(">I", head[4:8])[0]
+    size = struct.unpack(">Q", head[24:32])[0]
+    incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
+    return size, incompatible
+
+
+def virtual_size(path: str | Path, fmt: str) -> int:
+    """The size the guest sees: a qcow2's from its header, a raw file's (or an ISO's) its length."""
+    return _sizes(path)[0] if fmt == "qcow2" else os.stat(path).st_size
+
+
+def has_external_data(path: str | Path) -> bool:
+    """Whether a qcow2 keeps its data in another file named in its header (a path outside any pool)."""
+    return bool(_sizes(path)[1] & INCOMPAT_EXTERNAL_DATA)
 
 
 def _header(path: str) -> tuple[str | None, str | None]:
