@@ -28,6 +28,19 @@ class Result:
         return self.returncode == 0
 
 
+def _merged_env(env: Mapping[str, str] | None) -> dict[str, str] | None:
+    """The child's environment: ours with env's entries on top (None: ours as it is)."""
+    return None if env is None else {**os.environ, **env}
+
+
+def _raise_unless_ok(result: Result) -> None:
+    """CommandFailed naming the program and the last line it wrote (stderr first) when it failed."""
+    if not result.ok:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        tail = detail[-1] if detail else f"exit status {result.returncode}"
+        raise CommandFailed(f"{result.argv[0]} failed: {tail}")
+
+
 def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -43,10 +56,7 @@ def run(
     silently continue after a failed step.
     """
     args = tuple(os.fspath(a) for a in argv)
-    full_env = None
-    if env is not None:
-        full_env = dict(os.environ)
-        full_env.update(env)
+    full_env = _merged_env(env)
     started = time.monotonic()
     try:
         cp = subprocess.run(  # noqa: S603 - argv list, no shell
@@ -64,10 +74,8 @@ def run(
     except subprocess.TimeoutExpired as e:
         raise CommandFailed(f"{args[0]}: timed out after {timeout_s} s") from e
     result = Result(args, cp.returncode, cp.stdout, cp.stderr, time.monotonic() - started)
-    if check and not result.ok:
-        detail = (cp.stderr or cp.stdout).strip().splitlines()
-        tail = detail[-1] if detail else f"exit status {cp.returncode}"
-        raise CommandFailed(f"{args[0]} failed: {tail}")
+    if check:
+        _raise_unless_ok(result)
     return result
 
 
@@ -91,10 +99,7 @@ def run_streaming(
     before the exception propagates: no caller is left with a process running behind its back.
     """
     args = tuple(os.fspath(a) for a in argv)
-    full_env = None
-    if env is not None:
-        full_env = dict(os.environ)
-        full_env.update(env)
+    full_env = _merged_env(env)
     started = time.monotonic()
     deadline = None if timeout_s is None else started + timeout_s
     try:
@@ -148,8 +153,6 @@ def run_streaming(
         proc.stderr.close()
     stdout, stderr = "".join(texts[out_fd]), "".join(texts[err_fd])
     result = Result(args, returncode, stdout, stderr, time.monotonic() - started)
-    if check and not result.ok:
-        detail = (stderr or stdout).strip().splitlines()
-        tail = detail[-1] if detail else f"exit status {returncode}"
-        raise CommandFailed(f"{args[0]} failed: {tail}")
+    if check:
+        _raise_unless_ok(result)
     return result
