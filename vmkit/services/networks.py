@@ -385,11 +385,11 @@ class NetworkService:
 
     def _address_for(self, spec: NetworkSpec, mac: str) -> str:
         cfg = self._dnsmasq(spec)
-        current = [ls.ip for ls in dnsmasq.leases(cfg)] if cfg else []
-        mine = next((ls.ip for ls in (dnsmasq.leases(cfg) if cfg else []) if ls.mac == mac), None)
+        leases = dnsmasq.leases(cfg) if cfg else []
+        mine = next((ls.ip for ls in leases if ls.mac == mac), None)
         if mine is not None:
             return mine
-        taken = set(current) | {f.address for f in spec.forwards}
+        taken = {ls.ip for ls in leases} | {f.address for f in spec.forwards}
         start, end = spec.dhcp_range or (None, None)
         if start is None or end is None:
             raise Conflict(f"network {spec.name!r} has no DHCP range to give the VM a fixed address from")
