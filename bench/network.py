@@ -35,12 +35,10 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,8 +47,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.replay import plain_argv, table, wait_running  # noqa: E402
-from tests.conftest import CACHE_DIR, Daemon  # noqa: E402 - the same daemon harness the tests use
-from tests.netns import Netns, namespaces  # noqa: E402
+from tests.conftest import Daemon  # noqa: E402 - the same daemon harness the tests use
+from tests.netns import Netns, daemon_in, namespaces  # noqa: E402
 from vmkit.net import ovs  # noqa: E402
 
 READY = b"VMKIT-DEMO-READY"
@@ -413,23 +411,15 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     started = time.monotonic()
-    with namespaces("vmkit", "plain") as (host, plain):
-        # dnsmasq drops to its own user and must reach its files in the daemon's run dir.
-        root = Path(tempfile.mkdtemp(prefix="vmkit-bench-net-"))
-        root.chmod(0o711)
-        d = Daemon(root, {"VMKIT_CACHE_DIR": str(CACHE_DIR)}, netns=host.name)
-        d.start()
+    with namespaces("vmkit", "plain") as (host, plain), daemon_in(host, "vmkit-bench-net-") as d:
         try:
-            d.cli("image", "demo", timeout_s=900)
             nets = networks(d, args.runs)
             d.api.post("/v1/networks", {"name": NET, "mode": "nat", "subnet": SUBNET})
             d.api.post("/v1/networks", {"name": OVS_NET, "mode": "ovs"})  # starts the daemon's ovsdb + vswitchd
-            nics = nic_latency(d, plain, root / "latency", args.starts)
-            tput, tput_note = throughput(d, plain, root / "plain", args.mib, args.rounds)
+            nics = nic_latency(d, plain, d.root / "latency", args.starts)
+            tput, tput_note = throughput(d, plain, d.root / "plain", args.mib, args.rounds)
         finally:
-            d.cleanup()
-            ovs.stop(d.run_dir / "ovs")  # the daemon's OVS outlives it (the namespace's deletion would kill it too)
-            shutil.rmtree(root, ignore_errors=True)
+            ovs.stop(d.run_dir / "ovs")  # it outlives the daemon (the namespace's deletion would kill it too)
     elapsed = time.monotonic() - started
 
     if args.json:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from tests.conftest import CACHE_DIR, Daemon
 
 _count = itertools.count()
 
@@ -74,3 +78,21 @@ def namespaces(*tags: str) -> Iterator[list[Netns]]:
     finally:
         for ns in made:
             ns.delete()
+
+
+@contextlib.contextmanager
+def daemon_in(ns: Netns, prefix: str, env: dict[str, str] | None = None, *, demo: bool = True) -> Iterator[Daemon]:
+    """A vmkit daemon running inside ns (its bridges, taps, dnsmasq, tables and OVS live there), in a root dir of
+    its own that dnsmasq's user and QEMU's can traverse (pytest's temp root is 0700); with demo, the demo image
+    built (cached). Stopped, its processes killed and its dir removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o711)
+    d = Daemon(root, {"VMKIT_CACHE_DIR": str(CACHE_DIR), **(env or {})}, netns=ns.name)
+    try:
+        d.start()
+        if demo:
+            d.cli("image", "demo", timeout_s=900)
+        yield d
+    finally:
+        d.cleanup()
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,9 +10,7 @@ Nothing reaches the machine's own namespace or any outside address.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CACHE_DIR, Daemon
+from tests.conftest import Daemon
 from tests.e2e.guest import boot
-from tests.netns import Netns, namespaces, veth
+from tests.netns import Netns, daemon_in, namespaces, veth
 
 pytestmark = pytest.mark.e2e
 
@@ -54,27 +52,20 @@ def bridged() -> Iterator[Lan]:
         host.run(["ip", "link", "set", "br0", "up"])
         host.run(["ip", "addr", "add", f"{HOST}/24", "dev", "br0"])
         host.run(["ip", "route", "add", "default", "via", LAN])
-        # Daemon and dnsmasq files: dnsmasq and QEMU's users must traverse the root (pytest's temp root is 0700).
-        root = Path(tempfile.mkdtemp(prefix="vmkit-brnet-"))
-        root.chmod(0o711)
-        leases = root / "lan.leases"
-        # --no-daemon: no fork, no pid file, no change of user; --port=0: DHCP only, no DNS; logs to stderr.
-        dhcp = lan.popen(
-            ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--interface=eth0", "--bind-interfaces",
-             "--except-interface=lo", f"--dhcp-range={POOL[0]},{POOL[1]},1h", "--no-resolv", "--no-hosts",
-             "--port=0", "--log-facility=-", "--log-dhcp", f"--dhcp-leasefile={leases}", "--dhcp-authoritative"],
-            stdout=subprocess.DEVNULL, stderr=open(root / "lan-dnsmasq.log", "wb"),  # noqa: SIM115
-        )  # fmt: skip
-        d = Daemon(root, {"VMKIT_CACHE_DIR": str(CACHE_DIR)}, netns=host.name)
-        try:
-            d.start()
-            d.cli("image", "demo", timeout_s=900)
-            yield Lan(d, host, lan, leases)
-        finally:
-            d.cleanup()
-            dhcp.kill()
-            dhcp.wait(5)
-            shutil.rmtree(root, ignore_errors=True)
+        with daemon_in(host, "vmkit-brnet-") as d:
+            leases = d.root / "lan.leases"
+            # --no-daemon: no fork, no pid file, no change of user; --port=0: DHCP only, no DNS; logs to stderr.
+            dhcp = lan.popen(
+                ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--interface=eth0", "--bind-interfaces",
+                 "--except-interface=lo", f"--dhcp-range={POOL[0]},{POOL[1]},1h", "--no-resolv", "--no-hosts",
+                 "--port=0", "--log-facility=-", "--log-dhcp", f"--dhcp-leasefile={leases}", "--dhcp-authoritative"],
+                stdout=subprocess.DEVNULL, stderr=open(d.root / "lan-dnsmasq.log", "wb"),  # noqa: SIM115
+            )  # fmt: skip
+            try:
+                yield Lan(d, host, lan, leases)
+            finally:
+                dhcp.kill()
+                dhcp.wait(5)
 
 
 def j(d: Daemon, *args: str) -> Any:

@@ -6,9 +6,7 @@ machine's own namespace or any outside address."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CACHE_DIR, FAKE_QEMU, Daemon
+from tests.conftest import FAKE_QEMU, Daemon
 from tests.e2e.guest import boot
-from tests.netns import Netns, namespaces, veth
+from tests.netns import Netns, daemon_in, namespaces, veth
 
 UPLINK_HOST, UPLINK_LAN = "198.51.100.2", "198.51.100.1"
 
@@ -30,18 +28,8 @@ def net() -> Iterator[tuple[Daemon, Netns, Netns]]:
         host.run(["ip", "addr", "add", f"{UPLINK_HOST}/24", "dev", "uplink0"])
         lan.run(["ip", "addr", "add", f"{UPLINK_LAN}/24", "dev", "eth0"])
         host.run(["ip", "route", "add", "default", "via", UPLINK_LAN])
-        # dnsmasq drops to its own user and must reach its files in the daemon's run dir: the root must be
-        # traversable (pytest's own temp root is 0700).
-        root = Path(tempfile.mkdtemp(prefix="vmkit-net-"))
-        root.chmod(0o711)
-        d = Daemon(root, {"VMKIT_CACHE_DIR": str(CACHE_DIR)}, netns=host.name)
-        d.start()
-        try:
-            d.cli("image", "demo", timeout_s=900)
+        with daemon_in(host, "vmkit-net-") as d:
             yield d, host, lan
-        finally:
-            d.cleanup()
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def j(d: Daemon, *args: str) -> Any:
@@ -108,20 +96,13 @@ def test_two_daemons_share_a_host(net: tuple[Daemon, Netns, Netns]) -> None:
     neither its start nor its stop touches the first one's."""
     d, host, _ = net
     tables = host.run(["nft", "list", "tables"]).stdout
-    root = Path(tempfile.mkdtemp(prefix="vmkit-net2-"))
-    root.chmod(0o711)
-    other = Daemon(root, {"VMKIT_QEMU": str(FAKE_QEMU)}, netns=host.name)
-    try:
-        other.start()
+    with daemon_in(host, "vmkit-net2-", {"VMKIT_QEMU": str(FAKE_QEMU)}, demo=False) as other:
         n = j(other, "network", "create", "iso1", "--mode", "isolated", "--subnet", "192.168.220.0/24")
         assert n["bridge"] != "vk-iso1"  # the first daemon's iso1 has that one
         assert f"vmkit-{n['bridge']}" in host.run(["nft", "list", "tables"]).stdout
         other.stop()
         other.start()  # its start removes nothing of the first daemon's
         other.cli("network", "delete", "iso1")
-    finally:
-        other.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
     assert host.run(["nft", "list", "tables"]).stdout == tables
     assert pings(d, "ia", lease_of(d, "ib"))
 

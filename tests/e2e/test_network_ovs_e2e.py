@@ -5,32 +5,20 @@ module here). VMs on the same VLAN reach each other, on different VLANs they do 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import CACHE_DIR, Daemon
+from tests.conftest import Daemon
 from tests.e2e.guest import boot
-from tests.netns import Netns, namespaces
+from tests.netns import Netns, daemon_in, namespaces
 
 
 @pytest.fixture(scope="module")
 def sw() -> Iterator[tuple[Daemon, Netns]]:
-    with namespaces("ovs") as (host,):
-        root = Path(tempfile.mkdtemp(prefix="vmkit-ovs-"))
-        root.chmod(0o711)
-        d = Daemon(root, {"VMKIT_CACHE_DIR": str(CACHE_DIR)}, netns=host.name)
-        d.start()
-        try:
-            d.cli("image", "demo", timeout_s=900)
-            yield d, host
-        finally:
-            d.cleanup()
-            shutil.rmtree(root, ignore_errors=True)
+    with namespaces("ovs") as (host,), daemon_in(host, "vmkit-ovs-") as d:
+        yield d, host
 
 
 def test_vlans_on_an_ovs_network(sw: tuple[Daemon, Netns]) -> None:

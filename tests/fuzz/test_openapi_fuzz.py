@@ -14,9 +14,7 @@ integration uses (`create_test`, schemathesis is pinned exactly) and run as a py
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +35,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
 from tests.conftest import FAKE_QEMU, Daemon
-from tests.netns import namespaces
+from tests.netns import daemon_in, namespaces
 from vmkit.cli.client import ApiError
 from vmkit.model.vm import valid_name
 
@@ -92,20 +90,11 @@ class _UnixAdapter(HTTPAdapter):
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    # A short root keeps the socket paths of VMs with 63-character names under the kernel's 107 bytes; traversable,
-    # so the dnsmasq of a network the fuzzer creates can reach its files.
-    root = Path(tempfile.mkdtemp(prefix="vmkfz-"))
-    root.chmod(0o711)
     # In a network namespace of its own: the networks, bridges and nftables tables generated requests create
-    # never touch the machine's.
-    with namespaces("fuzz") as (ns,):
-        d = Daemon(root, {"VMKIT_QEMU": str(FAKE_QEMU)}, netns=ns.name)
-        try:
-            d.start()
-            yield d
-        finally:
-            d.cleanup()
-            shutil.rmtree(root, ignore_errors=True)
+    # never touch the machine's. A short root keeps the socket paths of VMs with 63-character names under the
+    # kernel's 107 bytes.
+    with namespaces("fuzz") as (ns,), daemon_in(ns, "vmkfz-", {"VMKIT_QEMU": str(FAKE_QEMU)}, demo=False) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
