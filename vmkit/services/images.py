@@ -89,7 +89,7 @@ class ImageService:
                 ("installer", built.installer_iso, "iso", 0o600),
             ):
                 info = await self._volumes.register_file(
-                    IMAGES_POOL, f"{build}-{src.name}", src, fmt=fmt, mode=mode, replace=True
+                    IMAGES_POOL, f"{build}-{src.name}", src, fmt=fmt, mode=mode, reuse=True
                 )
                 volumes[field] = info.key
             progress(0.98, "registering images")

@@ -332,10 +332,11 @@ class VolumeService:
         return self.info(req.target)
 
     async def register_file(
-        self, pool: str, name: str, src: Path, *, fmt: str, mode: int = 0o600, replace: bool = False
+        self, pool: str, name: str, src: Path, *, fmt: str, mode: int = 0o600, reuse: bool = False
     ) -> VolumeInfo:
-        """Copy a file vmkit made (an image build's output) into a pool as a volume of the given format."""
-        if replace and self._store.volume(pool, name) is not None:
+        """Copy a file vmkit made (an image build's output) into a pool as a volume of the given format. With
+        reuse, a volume of that name already there (an earlier registration of the same build) is kept as it is."""
+        if reuse and self._store.volume(pool, name) is not None:
             return self.info(f"{pool}/{name}")
         with self._reserve(pool, name, fmt=fmt, prealloc="off", backing=None) as (tmp, _):
             await asyncio.to_thread(files.copy_file, src, tmp)
