@@ -137,6 +137,7 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.networks import NetworkService
     from vmkit.services.operations import Operations
     from vmkit.services.pools import PoolService
+    from vmkit.services.snapshots import SnapshotService
     from vmkit.services.stats import StatsService
     from vmkit.services.upgrade import take_over
     from vmkit.services.vmdisks import VmDiskService
@@ -231,6 +232,9 @@ async def serve(cfg: DaemonConfig) -> None:
     if said:
         log.warning(said) if "not" in said or "in use" in said else log.info(said)
     await vms.load()
+    snapshots = SnapshotService(store=store, vms=vms, volumes=volumes)
+    vms.snapshot_refs, vms.snapshot_images = snapshots.references, snapshots.owned_images
+    await snapshots.recover()
     # dnsmasq was (re)started before the VMs were known: tell it their names now.
     await networks.refresh_hosts()
     stats = StatsService(vms)
@@ -249,6 +253,7 @@ async def serve(cfg: DaemonConfig) -> None:
         vmdisks=VmDiskService(vms=vms, volumes=volumes),
         networks=networks,
         vmnics=VmNicService(vms=vms, networks=networks),
+        snapshots=snapshots,
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,
         state_dir=str(cfg.state_dir),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vmkit.model.snapshot import SnapshotRecord
 from vmkit.store.db import _MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, TokenRow, VolumeRow
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "state-v1.sql"
@@ -42,7 +43,7 @@ def test_v2_database_is_migrated(tmp_path: Path) -> None:
     assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'tokens'").fetchone() is None
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "5"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "6"
     assert {r.spec.name: r.uid for r in store.vms()} == {"old": 1_900_000_005, "oldrun": None}
     assert store.tokens() == []
     store.add_token(TokenRow("ci", "00" * 32, True, 1.0, None))
@@ -61,7 +62,7 @@ def test_v3_database_gets_pools_and_volumes(tmp_path: Path) -> None:
     con.commit()
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == "5" and store.pools() == [] and store.volumes() == []
+    assert store.get_meta("schema_version") == "6" and store.pools() == [] and store.volumes() == []
     assert store.networks() == []
     store.add_pool("default", "dir", str(tmp_path))
     store.add_volume(VolumeRow("default", "a.qcow2", "qcow2", "off", None, "ready", 1.0))
@@ -74,6 +75,33 @@ def test_v3_database_gets_pools_and_volumes(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         store.update_volume("default", "a.qcow2", created_at="2")
     assert [r.key for r in store.volumes("default")] == ["default/a.qcow2"]
+
+
+def test_v5_database_gets_snapshots_and_a_journal(tmp_path: Path) -> None:
+    db = tmp_path / "vmkit.db"
+    con = sqlite3.connect(db)
+    con.executescript(FIXTURE.read_text().replace("@STATE@", str(tmp_path)))
+    for version in (2, 3, 4, 5):
+        for stmt in _MIGRATIONS[version]:
+            con.execute(stmt)
+    con.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    store = Store(db)
+    assert store.get_meta("schema_version") == "6"
+    old = store.vms()[0].spec
+    assert store.snapshots(old.name) == [] and store.journals() == {}
+    s1 = SnapshotRecord(name="s1", kind="internal", state="shut off", created_at=1.0, spec=old)
+    s2 = SnapshotRecord(name="s2", kind="external", parent="s1", state="running", created_at=2.0, spec=old)
+    store.add_snapshot(old.name, s2)
+    store.add_snapshot(old.name, s1)
+    store.set_current_snapshot(old.name, "s2")
+    store.set_journal(old.name, {"op": "delete", "snapshot": "s1"})
+    assert [r.name for r in store.snapshots(old.name)] == ["s1", "s2"]  # oldest first
+    assert store.current_snapshot(old.name) == "s2" and store.journal(old.name) == {"op": "delete", "snapshot": "s1"}
+    store.set_journal(old.name, None)
+    store.delete_vm(old.name)  # its snapshots go with it
+    assert store.snapshots(old.name) == [] and store.journals() == {}
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from vmkit.services.networks import NetworkService
 from vmkit.services.operations import Operations
 from vmkit.services.pools import PoolService
 from vmkit.services.sessions import Sessions
+from vmkit.services.snapshots import SnapshotService
 from vmkit.services.stats import StatsService
 from vmkit.services.vmdisks import VmDiskService
 from vmkit.services.vmnics import VmNicService
@@ -40,6 +41,7 @@ class Services:
     vmdisks: VmDiskService
     networks: NetworkService
     vmnics: VmNicService
+    snapshots: SnapshotService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
     state_dir: str | None = None  # for the dashboard's disk usage

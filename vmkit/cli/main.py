@@ -626,6 +626,7 @@ VERBS = {
     "pool": {"list", "info", "create", "refresh", "delete"},
     "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases", "forward"},
     "volume": {"list", "info", "create", "resize", "convert", "clone", "import", "export", "delete"},
+    "snapshot": {"create", "list", "info", "revert", "delete"},
     "host": {"check"},
     "token": {"create", "list", "revoke"},
     "daemon": set(),
@@ -790,11 +791,12 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
     sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
 
-    from vmkit.cli import networks, pools, volumes
+    from vmkit.cli import networks, pools, snapshots, volumes
 
     pools.add_parsers(nouns, add)
     volumes.add_parsers(nouns, add)
     networks.add_parsers(nouns, add)
+    snapshots.add_parsers(nouns, add)
 
     sp = nouns.add_parser("events", help="follow VM state changes and operations as they happen")
     sp.set_defaults(fn=events)

@@ -122,6 +122,16 @@ def disk_blockdevs(disk: DiskSpec, top: str, backing: Sequence[tuple[str, str]] 
     return blockdevs
 
 
+def overlay_blockdevs(node: str, filename: str) -> list[dict[str, Any]]:
+    """The blockdev-add arguments of a new, empty qcow2 overlay for a live external snapshot (blockdev-snapshot
+    gives it its backing node, so it must have none yet)."""
+    return [
+        {"driver": "file", "filename": filename, "node-name": f"{node}-file", "cache": {"direct": False},
+         "discard": "unmap"},
+        {"driver": "qcow2", "file": f"{node}-file", "node-name": node, "discard": "unmap", "backing": None},
+    ]  # fmt: skip
+
+
 def disk_device(node: str, bus: str, bootindex: int | None = None) -> dict[str, Any]:
     """device_add arguments of a disk's virtio-blk-pci device on root port `bus`."""
     dev: dict[str, Any] = {"driver": "virtio-blk-pci", "drive": node, "id": device_id(node), "bus": bus}
@@ -241,9 +251,13 @@ class HostConfig:
     machine: str = "q35"
 
 
-def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver) -> list[str]:
+def qemu_argv(
+    spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver, *, loadvm: str | None = None
+) -> list[str]:
     """Return the full argv that runs `spec` with the descriptors in `fds`. The QMP socket is already
-    listening, so the daemon can connect the instant QEMU is spawned, without polling for it."""
+    listening, so the daemon can connect the instant QEMU is spawned, without polling for it.
+
+    loadvm: start from internal snapshot `loadvm` (its disks and RAM; QEMU still waits for `cont`)."""
     if len(fds.disks) != len(spec.disks):
         raise ValueError("one DiskFds per disk")
     if len(fds.cdroms) != len(spec.cdroms):
@@ -335,6 +349,8 @@ def qemu_argv(spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver
         # (and would need /dev/vhost-net opened for QEMU too).
         netdev = f"tap,id={nic.name},fd={tap},vhost=off" if tap is not None else f"user,id={nic.name},restrict=on"
         argv += ["-netdev", netdev, "-device", device_opts(nic_device(nic, port_id(nic.name)))]
+    if loadvm is not None:
+        argv += ["-loadvm", opt(loadvm)]
     # -add-fd comes first so every /dev/fdset/N above exists when QEMU opens it.
     return [argv[0], *fdsets, *argv[1:]]
 

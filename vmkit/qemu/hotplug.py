@@ -242,12 +242,14 @@ def _generation(drive: str, node: str | None) -> int:
 
 # ----- shared -----------------------------------------------------------------------------------------------
 def _deletion_order(name: str, node: str) -> tuple[int, int, str]:
-    """Users before what they use: the format node before its file node, an image before its backing."""
+    """Users before what they use: the format node before its file node, an image before its backing, and a
+    snapshot's overlay (-oN, qemu/blocksnap.py; newer ones higher) before the image it was put on."""
     rest = name[len(node) :]
-    m = re.fullmatch(r"(?:-b(\d+))?(-file)?", rest)
+    m = re.fullmatch(r"(?:-([bo])(\d+))?(-file)?", rest)
     if m is None:
         return (1_000_000, 0, name)
-    return (int(m.group(1) or 0), 1 if m.group(2) else 0, name)
+    depth = int(m.group(2) or 0) * (-1 if m.group(1) == "o" else 1)
+    return (depth, 1 if m.group(3) else 0, name)
 
 
 async def _delete_nodes(mon: Monitor, nodes: Iterable[str], owner: str) -> None:

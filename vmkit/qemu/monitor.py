@@ -33,6 +33,7 @@ EV_GUEST_PANICKED = "GUEST_PANICKED"
 EV_VSERPORT_CHANGE = "VSERPORT_CHANGE"
 EV_DEVICE_DELETED = "DEVICE_DELETED"  # data: device (its id, when it has one) and path (QOM path)
 EV_DEVICE_TRAY_MOVED = "DEVICE_TRAY_MOVED"
+EV_JOB_STATUS_CHANGE = "JOB_STATUS_CHANGE"  # data: id, status (created, running, …, concluded, null)
 
 EventHandler = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 EventMatch = Callable[[dict[str, Any]], bool]
@@ -223,12 +224,17 @@ class Monitor:
     async def netdev_del(self, netdev_id: str) -> None:
         await self.execute("netdev_del", {"id": netdev_id})
 
-    async def add_fd(self, fd: int, *, opaque: str, timeout_s: float = 10.0) -> int:
-        """Pass fd to QEMU into a new fdset (opened later as /dev/fdset/N); returns N. opaque labels the
-        fdset in query-fdsets (vmkit writes the node name that opens it). QEMU keeps a duplicate."""
+    async def add_fd(self, fd: int, *, opaque: str, fdset_id: int | None = None, timeout_s: float = 10.0) -> int:
+        """Pass fd to QEMU into a new fdset (opened later as /dev/fdset/N), or into fdset `fdset_id`; returns N.
+        opaque labels the fdset in query-fdsets (vmkit writes the node name that opens it). QEMU keeps a
+        duplicate. QEMU picks a set's descriptor by access mode: a read-write one added to the set of a read-only
+        image lets QEMU reopen that image read-write (block-stream into it)."""
+        args: dict[str, Any] = {"opaque": opaque}
+        if fdset_id is not None:
+            args["fdset-id"] = fdset_id
         async with self._fd_lock:
             await self._send_fd(fd)
-            ret = await self.execute("add-fd", {"opaque": opaque}, timeout_s=timeout_s)
+            ret = await self.execute("add-fd", args, timeout_s=timeout_s)
         return int(ret["fdset-id"])
 
     async def remove_fd(self, fdset_id: int) -> None:
@@ -284,6 +290,44 @@ class Monitor:
     async def blockdev_close_tray(self, qdev_id: str) -> None:
         await self.execute("blockdev-close-tray", {"id": qdev_id})
 
+    # ----- snapshots and block jobs -------------------------------------------------------------------
+    async def transaction(self, actions: list[dict[str, Any]]) -> None:
+        """Run the actions ({"type": …, "data": …}) all or none."""
+        await self.execute("transaction", {"actions": actions})
+
+    async def run_job(self, cmd: str, args: dict[str, Any], *, timeout_s: float) -> None:
+        """Start a job (snapshot-save, block-stream, …; args carry its job-id) and wait until it has concluded,
+        then dismiss it. Raises JobFailed with QEMU's reason when it failed; TimeoutError after timeout_s (the
+        job goes on in QEMU: `await_job` can wait for it again)."""
+        job_id = str(args["job-id"])
+        with self.expect_event(EV_JOB_STATUS_CHANGE, _concluded(job_id)) as done:
+            await self.execute(cmd, {**args, "auto-dismiss": False} if cmd.startswith("block-") else args)
+            await done.wait(timeout_s)
+        await self._dismiss(job_id)
+
+    async def await_job(self, job_id: str, *, timeout_s: float) -> bool:
+        """Wait for a job started earlier (by a daemon that died since) to conclude and dismiss it; False when
+        QEMU has no such job. Raises JobFailed as run_job."""
+        with self.expect_event(EV_JOB_STATUS_CHANGE, _concluded(job_id)) as done:
+            job = next((j for j in await self.query_jobs() if j.get("id") == job_id), None)
+            if job is None:
+                return False
+            if job.get("status") != "concluded":
+                await done.wait(timeout_s)
+        await self._dismiss(job_id)
+        return True
+
+    async def _dismiss(self, job_id: str) -> None:
+        job = next((j for j in await self.query_jobs() if j.get("id") == job_id), None)
+        if job is None:  # dismissed already (a job QEMU dismisses itself)
+            return
+        await self.execute("job-dismiss", {"id": job_id})
+        if job.get("error"):
+            raise JobFailed(str(job["error"]))
+
+    async def query_jobs(self) -> list[dict[str, Any]]:
+        return list(await self.execute("query-jobs"))
+
     async def _send_fd(self, fd: int) -> None:
         """Pass fd by SCM_RIGHTS. send_fd_scm writes one byte straight to the socket, beside asyncio's buffer:
         wait until no earlier command is still half-written there, so the byte never lands inside one."""
@@ -291,6 +335,14 @@ class Monitor:
         while writer is not None and writer.transport.get_write_buffer_size():
             await asyncio.sleep(0.001)
         self._client.send_fd_scm(fd)
+
+
+class JobFailed(Exception):
+    """A QEMU job ended with an error (its text is QEMU's)."""
+
+
+def _concluded(job_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda d: d.get("id") == job_id and d.get("status") == "concluded"
 
 
 # block_set_io_throttle requires the read/write split even when only totals are used.

@@ -197,6 +197,9 @@ class VmService:
         self._run_dir = run_dir / "vms"
         self._image_lookup = image_lookup
         self._vms: dict[str, VmRuntime] = {}
+        # Set by services/snapshots.py: the snapshots that need a volume, and the images only a VM's snapshots name.
+        self.snapshot_refs: Callable[[str], list[str]] = lambda key: []
+        self.snapshot_images: Callable[[str], list[str]] = lambda vm: []
         # Set by services/vmdisks.py: a device the guest let go of (a disk unplug it acknowledged late).
         self.device_deleted: Callable[[VmRuntime, str], Coroutine[Any, Any, None]] | None = None
         self._create_lock = asyncio.Lock()
@@ -747,7 +750,10 @@ class VmService:
         return out
 
     def volume_users(self, key: str) -> list[str]:
-        """VMs whose disks or CD-ROMs are volume `key`."""
+        """VMs whose disks or CD-ROMs are volume `key`, then 'VM (snapshot S)' for snapshots that need it."""
+        return self._vm_users(key) + self.snapshot_refs(key)
+
+    def _vm_users(self, key: str) -> list[str]:
         return [
             vm.spec.name
             for vm in sorted(self._vms.values(), key=lambda v: v.spec.name)
@@ -755,17 +761,19 @@ class VmService:
         ]
 
     def volume_running_users(self, key: str) -> list[str]:
-        return [n for n in self.volume_users(key) if self._vms[n].state.active or self._vms[n].proc is not None]
+        return [n for n in self._vm_users(key) if self._vms[n].state.active or self._vms[n].proc is not None]
 
     async def delete(self, name: str, *, keep_disks: bool = False) -> None:
         vm = self._get(name)
         async with vm.lock:
             if vm.state.active:
                 raise Conflict(f"VM {name!r} is {vm.state}; stop it first")
+            # Its disks and the images only its snapshots name (services/snapshots.py).
             owned = [d.volume for d in vm.spec.disks if d.owned and d.volume]
+            owned += [k for k in self.snapshot_images(name) if k not in owned]
             if not keep_disks:
                 for key in owned:
-                    deps = self._volumes.dependents(key)
+                    deps = [k for k in self._volumes.dependents(key) if k not in owned]
                     if deps:
                         raise Conflict(
                             f"disk {key} of {name!r} backs volume(s) {', '.join(deps)}: delete them first, "
@@ -780,7 +788,8 @@ class VmService:
             self._store.delete_vm(name)
             del self._vms[name]
             if not keep_disks:
-                for key in owned:
+                # Overlays before the images below them.
+                for key in sorted(owned, key=lambda k: -self._volumes.depth(k, owned)):
                     try:
                         await self._volumes.delete(key)
                     except VmkitError as e:
@@ -862,20 +871,29 @@ class VmService:
                 raise Conflict(f"VM {name!r} is already {vm.state}")
             if vm.proc is not None and process.alive(vm.proc):
                 raise Conflict(f"QEMU of {name!r} (pid {vm.proc.pid}) is still there; `vm stop --force` it first")
-            for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
-                if path and not os.path.isfile(path):
-                    raise Conflict(f"cannot start {name!r}: its {label} {path} is missing")
-            vm.launching = True
-            try:
-                await self._launch(vm)
-            finally:
-                vm.launching = False
-            if vm.pidfd is None and vm.proc is not None:
-                # It exited during the last step of a launch that succeeded: report it as any exit.
-                self._background.spawn(self._on_exit(vm))
+            await self.boot(vm)
             return vm.info()
 
-    async def _launch(self, vm: VmRuntime) -> None:
+    async def boot(self, vm: VmRuntime, *, loadvm: str | None = None) -> None:
+        """Start QEMU for vm, whose lock the caller holds (start; a snapshot's revert with loadvm, its tag)."""
+        for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
+            if path and not os.path.isfile(path):
+                raise Conflict(f"cannot start {vm.spec.name!r}: its {label} {path} is missing")
+        vm.launching = True
+        try:
+            await self._launch(vm, loadvm=loadvm)
+        finally:
+            vm.launching = False
+        if vm.pidfd is None and vm.proc is not None:
+            # It exited during the last step of a launch that succeeded: report it as any exit.
+            self._background.spawn(self._on_exit(vm))
+
+    async def halt(self, vm: VmRuntime) -> None:
+        """Hard stop of vm's QEMU, if it has one; the caller holds the VM's lock."""
+        if vm.proc is not None and process.alive(vm.proc):
+            await self._quit(vm)
+
+    async def _launch(self, vm: VmRuntime, *, loadvm: str | None = None) -> None:
         paths = vm.paths
         longest = max(len(str(p)) for p in (paths.qmp_sock, paths.serial_sock, paths.qga_sock))
         if longest > MAX_SOCKET_PATH:
@@ -906,7 +924,7 @@ class VmService:
                 fds = stack.enter_context(
                     open_handover(vm.spec, paths, ident.uid, ident.gid, format_of=self._volumes.format_of, taps=taps)
                 )
-                argv = qemu_argv(vm.spec, paths, self._host, fds)
+                argv = qemu_argv(vm.spec, paths, self._host, fds, loadvm=loadvm)
                 vm.proc, vm.popen = process.spawn(
                     argv,
                     paths,
@@ -946,7 +964,7 @@ class VmService:
             self._set_state(vm, VmState.SHUTOFF, "failed")
             raise VmkitError(f"QEMU failed to start {vm.spec.name!r}: {detail}") from e
         # RESUME may already have set it; setting again is a no-op.
-        self._set_state(vm, VmState.RUNNING, "booted")
+        self._set_state(vm, VmState.RUNNING, "booted" if loadvm is None else "reverted")
 
     def _need_monitor(self, vm: VmRuntime, *allowed: VmState) -> qmp.Monitor:
         if vm.state not in allowed or vm.monitor is None:

@@ -109,6 +109,16 @@ class VolumeService:
     def dependents(self, key: str) -> list[str]:
         return [r.key for r in self._store.volumes() if r.backing == key and r.state != "deleting"]
 
+    def depth(self, key: str, among: list[str]) -> int:
+        """How many of the volumes `among` lie below `key` in its backing chain."""
+        n, row = 0, self._store.volume(*self._split(key))
+        seen = {key}
+        while row is not None and row.backing and row.backing not in seen:
+            seen.add(row.backing)
+            n += row.backing in among
+            row = self._store.volume(*self._split(row.backing))
+        return n
+
     def busy(self, key: str) -> bool:
         lock = self._locks.get(key)
         return lock is not None and lock.locked()
@@ -297,7 +307,8 @@ class VolumeService:
                 qemu_img.create,
                 tmp,
                 fmt="qcow2",
-                size_bytes=size_bytes or 0,
+                # Given, so qemu-img need not open the chain (QEMU may hold the base: a live snapshot).
+                size_bytes=size_bytes or base_size,
                 backing=base_path,
                 backing_fmt=base.format,
             )
@@ -330,6 +341,19 @@ class VolumeService:
                         qemu_img.convert, src_path, src.format, tmp, src.format, prealloc="off", progress=report
                     )
         return self.info(req.target)
+
+    async def copy_image(self, src_key: str, pool: str, name: str) -> VolumeInfo:
+        """A byte-for-byte copy of a volume's file (holes kept): the same backing image and the same internal
+        snapshots, so one of them can be applied to the copy while the original stays as others need it."""
+        src = self.row(src_key)
+        with self._reserve(pool, name, fmt=src.format, prealloc=src.prealloc, backing=src.backing) as (tmp, _):
+            await asyncio.to_thread(files.copy_file, self._path_of(src), tmp)
+        return self.info(f"{pool}/{name}")
+
+    def set_backing(self, key: str, backing: str | None) -> None:
+        """Record that volume `key` is now an overlay on `backing` (a merge rewrote its header)."""
+        pool, name = self._split(key)
+        self._store.update_volume(pool, name, backing=backing)
 
     async def register_file(
         self, pool: str, name: str, src: Path, *, fmt: str, mode: int = 0o600, reuse: bool = False

@@ -324,6 +324,42 @@ def rebase_unsafe(path: Path, backing: Path, backing_fmt: str) -> None:
     _qemu_img(["rebase", "-q", "-u", "-f", "qcow2", "-b", _backing_arg(backing), "-F", bfmt, _arg(path)], path)
 
 
+def rebase(path: Path, backing: Path | None, backing_fmt: str | None) -> None:
+    """Make the qcow2 at path an overlay on `backing` (None: standalone) with the same guest-visible content:
+    what differs between its old backing chain and the new one is copied into it first (a safe rebase, the
+    offline twin of QEMU's block-stream). Both chains are read by the names in the headers: callers check them.
+    A crash half-way leaves path as it was (qemu-img writes the header last)."""
+    args = ["rebase", "-q", "-f", "qcow2", "-t", "writeback"]
+    if backing is None:
+        args += ["-b", ""]
+    else:
+        if backing_fmt is None:
+            raise ValueError("backing_fmt is required: the format of a backing image is never probed")
+        args += ["-b", _backing_arg(backing), "-F", _read_fmt(backing_fmt)]
+    _qemu_img([*args, _arg(path)], path, timeout_s=None)
+
+
+SNAPSHOT_OPS = {"create": "-c", "apply": "-a", "delete": "-d"}
+
+
+def snapshot(path: Path, op: str, tag: str) -> None:
+    """Create, apply (revert the image to) or delete the internal snapshot `tag` of the qcow2 at path, which no
+    QEMU may have open. apply leaves the snapshot in place."""
+    if op not in SNAPSHOT_OPS:
+        raise ValueError(f"unknown snapshot operation {op!r}")
+    if not tag or tag.startswith("-") or "\0" in tag:
+        raise ValueError(f"invalid snapshot tag {tag!r}")
+    # qemu-img snapshot has no -f: the format is given in --image-opts instead (never probed).
+    opts = "driver=qcow2,file.driver=file,file.filename=" + os.path.abspath(path).replace(",", ",,")
+    _qemu_img(["snapshot", "-q", SNAPSHOT_OPS[op], tag, "--image-opts", opts], path, timeout_s=None)
+
+
+def snapshot_tags(path: Path) -> dict[str, int]:
+    """The internal snapshots of the qcow2 at path: tag → size of the saved VM state (0: disks only)."""
+    d = _info_json(path, "qcow2", chain=False)
+    return {str(s["name"]): int(s.get("vm-state-size", 0)) for s in d.get("snapshots") or []}
+
+
 def check(path: Path, fmt: str) -> tuple[bool, str]:
     """(clean, qemu-img's report). Leaked clusters (exit 3: space wasted, no data at risk) count as not
     clean, like corruption (exit 2). Raw images have no metadata to check: always clean."""

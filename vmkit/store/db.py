@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.model.network import NetworkSpec
+from vmkit.model.snapshot import SnapshotRecord
 from vmkit.model.vm import VmSpec, VmState
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # API tokens for the TCP listener: only a SHA-256 of each secret is kept.
 _TOKENS_TABLE = """
@@ -59,6 +60,23 @@ CREATE TABLE IF NOT EXISTS networks (
     created_at REAL NOT NULL
 )"""
 
+# Snapshots (model/snapshot.py; one tree per VM, `current` flags the parent of what the VM runs now) and the
+# journal of multi-step work on a VM (one entry per VM at most: the VM's lock is held while it runs), which the
+# next daemon start finishes or undoes after a crash (services/snapshots.py).
+_SNAPSHOT_TABLES = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    vm TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    current INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (vm, name)
+);
+CREATE TABLE IF NOT EXISTS journal (
+    vm TEXT PRIMARY KEY,
+    data TEXT NOT NULL
+)"""
+
 # The schema a fresh state dir gets; an older one is brought here by _MIGRATIONS, in order.
 _SCHEMA = (
     """
@@ -85,6 +103,8 @@ CREATE TABLE IF NOT EXISTS images (
     + ";\n"
     + _NETWORKS_TABLE
     + ";\n"
+    + _SNAPSHOT_TABLES
+    + ";\n"
 )
 
 # version -> statements that bring the previous version to it. Each runs in one transaction with the
@@ -102,6 +122,8 @@ _MIGRATIONS: dict[int, list[str]] = {
     4: [stmt for stmt in _STORAGE_TABLES.split(";") if stmt.strip()],
     # 5: networks (VMs made before keep their user-mode NICs).
     5: [_NETWORKS_TABLE],
+    # 6: snapshots and the per-VM journal.
+    6: [stmt for stmt in _SNAPSHOT_TABLES.split(";") if stmt.strip()],
 }
 
 
@@ -218,7 +240,9 @@ class Store:
         self._db.execute("UPDATE vms SET autostart = ? WHERE name = ?", (int(enabled), name))
 
     def delete_vm(self, name: str) -> None:
-        self._db.execute("DELETE FROM vms WHERE name = ?", (name,))
+        with self.transaction():
+            self._db.execute("DELETE FROM vms WHERE name = ?", (name,))
+            self._db.execute("DELETE FROM snapshots WHERE vm = ?", (name,))
 
     # Images
     def put_image(self, name: str, data: dict[str, Any]) -> None:
@@ -304,6 +328,47 @@ class Store:
 
     def delete_network(self, name: str) -> None:
         self._db.execute("DELETE FROM networks WHERE name = ?", (name,))
+
+    # Snapshots
+    def add_snapshot(self, vm: str, rec: SnapshotRecord) -> None:
+        self._db.execute(
+            "INSERT INTO snapshots(vm, name, data, current, created_at) VALUES (?,?,?,0,?)",
+            (vm, rec.name, rec.model_dump_json(), rec.created_at),
+        )
+
+    def snapshots(self, vm: str) -> list[SnapshotRecord]:
+        """The VM's snapshots, oldest first."""
+        rows = self._db.execute("SELECT data FROM snapshots WHERE vm = ? ORDER BY created_at, name", (vm,))
+        return [SnapshotRecord.model_validate_json(d) for (d,) in rows]
+
+    def put_snapshot(self, vm: str, rec: SnapshotRecord) -> None:
+        self._db.execute(
+            "UPDATE snapshots SET data = ? WHERE vm = ? AND name = ?", (rec.model_dump_json(), vm, rec.name)
+        )
+
+    def delete_snapshot(self, vm: str, name: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE vm = ? AND name = ?", (vm, name))
+
+    def current_snapshot(self, vm: str) -> str | None:
+        row = self._db.execute("SELECT name FROM snapshots WHERE vm = ? AND current = 1", (vm,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_current_snapshot(self, vm: str, name: str | None) -> None:
+        self._db.execute("UPDATE snapshots SET current = (name IS ?) WHERE vm = ?", (name, vm))
+
+    # The journal of multi-step work on a VM
+    def journal(self, vm: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT data FROM journal WHERE vm = ?", (vm,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def journals(self) -> dict[str, dict[str, Any]]:
+        return {vm: json.loads(d) for vm, d in self._db.execute("SELECT vm, data FROM journal ORDER BY vm")}
+
+    def set_journal(self, vm: str, data: dict[str, Any] | None) -> None:
+        if data is None:
+            self._db.execute("DELETE FROM journal WHERE vm = ?", (vm,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO journal(vm, data) VALUES (?,?)", (vm, json.dumps(data)))
 
     def transaction(self) -> _Transaction:
         """`with store.transaction():` — the statements inside commit together or not at all."""

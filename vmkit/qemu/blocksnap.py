@@ -1,0 +1,149 @@
+"""Snapshots of a running VM's disks over QMP: internal snapshots (snapshot-save/-delete jobs), external ones
+(new overlays put on every disk in one transaction), and merging an image into the one above it (block-stream).
+
+Like the hotplug code, this module is handed descriptors the daemon opened: QEMU opens no path of vmkit's.
+Node names follow argv.py and hotplug.py: a disk's nodes all start with its name (disk0, disk0-b1, …); an
+overlay a live snapshot adds is `{disk}-oN` (N one more than any before it), and becomes the disk's top.
+
+Which image a node reads is asked of QEMU, not remembered: a format node's file is /dev/fdset/N, and the
+descriptors of fdset N are QEMU's own (/proc/PID/fd/M names the real file). So the mapping survives a daemon
+restart, and after a merge the nodes of the image merged away are found and dropped by its path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vmkit.qemu.argv import device_id, overlay_blockdevs
+from vmkit.qemu.hotplug import _delete_nodes, _undo
+from vmkit.qemu.monitor import Monitor
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_JOB_TIMEOUT_S = 3600.0  # saving RAM runs at disk speed; a big guest on a slow disk takes long
+STREAM_TIMEOUT_S = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str  # the format node
+    path: str  # the real file it reads
+    fdset: int | None  # the fdset its file node opened
+    read_only: bool
+
+
+async def nodes(mon: Monitor, pid: int) -> list[Node]:
+    """Every format node of the VM with the real path of its image (CD-ROM media included)."""
+    fdsets = {int(s["fdset-id"]): s.get("fds") or [] for s in await mon.query_fdsets()}
+    named = await mon.query_named_block_nodes()
+    # A format node's own `file` reads json:{…} once its backing is not the header's: its file node (always
+    # `{name}-file`, see argv.py) names the fdset plainly.
+    files = {str(n["node-name"]): str(n.get("file", "")) for n in named if n.get("drv") == "file"}
+    out = []
+    for n in named:
+        if n.get("drv") == "file":
+            continue
+        m = re.fullmatch(r"/dev/fdset/(\d+)", files.get(f"{n['node-name']}-file", ""))
+        fdset = int(m.group(1)) if m else None
+        fds = fdsets.get(fdset, []) if fdset is not None else []
+        path = ""
+        for f in fds:
+            with contextlib.suppress(OSError):
+                path = os.readlink(f"/proc/{pid}/fd/{int(f['fd'])}").removesuffix(" (deleted)")
+                break
+        out.append(Node(str(n["node-name"]), path, fdset, bool(n.get("ro"))))
+    return out
+
+
+def node_of(all_nodes: Iterable[Node], path: str | os.PathLike[str]) -> Node | None:
+    real = os.path.realpath(path)
+    return next((n for n in all_nodes if n.path == real), None)
+
+
+async def top_node(mon: Monitor, disk: str) -> str:
+    """The node disk's device writes to now (its name, or its newest snapshot overlay)."""
+    dev = device_id(disk)
+    for b in await mon.query_block():
+        # A virtio disk's backend is a child of its device: /machine/peripheral/disk0-dev/virtio-backend.
+        qdev = str(b.get("qdev", ""))
+        if (qdev == dev or qdev.startswith(f"/machine/peripheral/{dev}/")) and b.get("inserted"):
+            return str(b["inserted"]["node-name"])
+    raise LookupError(f"QEMU has no disk {disk}")
+
+
+def _next_overlay(disk: str, names: Iterable[str]) -> str:
+    gens = [int(m.group(1)) for n in names if (m := re.fullmatch(re.escape(disk) + r"-o(\d+)", n))]
+    return f"{disk}-o{max(gens, default=0) + 1}"
+
+
+async def save_internal(mon: Monitor, tag: str, tops: Sequence[str], *, job_id: str) -> None:
+    """Internal snapshot `tag` of the nodes `tops` with the RAM and device state in the first (QEMU stops the
+    guest's CPUs while it saves and resumes them after, if they ran)."""
+    args = {"job-id": job_id, "tag": tag, "vmstate": tops[0], "devices": list(tops)}
+    await mon.run_job("snapshot-save", args, timeout_s=SNAPSHOT_JOB_TIMEOUT_S)
+
+
+async def delete_internal(mon: Monitor, tag: str, tops: Sequence[str], *, job_id: str) -> None:
+    args = {"job-id": job_id, "tag": tag, "devices": list(tops)}
+    await mon.run_job("snapshot-delete", args, timeout_s=SNAPSHOT_JOB_TIMEOUT_S)
+
+
+async def take_external(mon: Monitor, overlays: Sequence[tuple[str, int]]) -> list[str]:
+    """Put a new overlay on each disk, all in one transaction: (disk, read-write descriptor of its new, empty
+    qcow2 whose header names the disk's current image as backing). Returns the new top nodes. On any failure
+    QEMU is left as it was (the nodes and fdsets added are removed)."""
+    names = [n["node-name"] for n in await mon.query_named_block_nodes()]
+    fdsets: list[int] = []
+    added: list[str] = []
+    actions: list[dict[str, Any]] = []
+    try:
+        for disk, fd in overlays:
+            top = await top_node(mon, disk)
+            node = _next_overlay(disk, names)
+            fdsets.append(await mon.add_fd(fd, opaque=node))
+            for args in overlay_blockdevs(node, f"/dev/fdset/{fdsets[-1]}"):
+                await mon.blockdev_add(args)
+                added.append(args["node-name"])
+            actions.append({"type": "blockdev-snapshot", "data": {"node": top, "overlay": node}})
+        await mon.transaction(actions)
+    except BaseException:
+        await _undo(mon, added, fdsets)
+        raise
+    return [a["data"]["overlay"] for a in actions]
+
+
+async def stream(mon: Monitor, pid: int, child: str, base: str | None, base_path: str | None, *, job_id: str) -> None:
+    """Merge the image(s) between node `child` and node `base` (None: the whole chain) into `child`, which then
+    reads `base` directly; its header names base_path (the real file, never /dev/fdset/N). A read-only child
+    (an image below the top) gets a read-write descriptor of its own file first, which QEMU reopens it with."""
+    child_node = next((n for n in await nodes(mon, pid) if n.name == child), None)
+    if child_node is None:
+        raise LookupError(f"QEMU has no node {child}")
+    if child_node.read_only and child_node.fdset is not None:
+        fd = os.open(child_node.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            await mon.add_fd(fd, opaque=child, fdset_id=child_node.fdset)
+        finally:
+            os.close(fd)
+    args: dict[str, object] = {"job-id": job_id, "device": child}
+    if base is not None:
+        # QEMU writes the base node's driver as the backing format, and this name as its file.
+        args |= {"base-node": base, "backing-file": base_path}
+    await mon.run_job("block-stream", args, timeout_s=STREAM_TIMEOUT_S)
+
+
+async def drop_image(mon: Monitor, pid: int, path: str) -> None:
+    """Remove the nodes and fdsets that read the image at path, which nothing in QEMU uses any more (a merge
+    took it out of the chain)."""
+    gone = [n for n in await nodes(mon, pid) if n.path == os.path.realpath(path)]
+    for n in gone:
+        await _delete_nodes(mon, [n.name, f"{n.name}-file"], n.name)
+        if n.fdset is not None:
+            with contextlib.suppress(Exception):
+                await mon.remove_fd(n.fdset)
