@@ -67,6 +67,8 @@ def check_images(d: Daemon, name: str) -> None:
     for key in keys:
         info = j(d, "volume", "info", key)
         for img in [{"path": info["path"], "format": info["format"]}, *info["chain"]]:
+            if img["format"] != "qcow2":
+                continue  # raw images have no metadata to check
             res = subprocess.run(["qemu-img", "check", "-U", "-f", img["format"], img["path"]], capture_output=True)
             assert res.returncode == 0, (img, res.stdout, res.stderr)
 
@@ -144,3 +146,134 @@ def test_snapshot_tree_internal_and_external(daemon: Daemon) -> None:
     assert any(k.startswith("default/tree-") for k in before_delete)
     d.cli("vm", "delete", "tree")
     assert not [v["key"] for v in j(d, "volume", "list", "default") if v["key"].startswith("default/tree-")]
+
+
+def tags(path: str) -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True, check=True).stdout
+    return {s["name"] for s in json.loads(out).get("snapshots") or []}
+
+
+def test_refusals_raw_disks_offline_work_and_internal_below_an_overlay(daemon: Daemon) -> None:
+    d = daemon
+    boot(d, "mix", "--disk", "32M,format=raw")
+    running_with_agent(d, "mix")
+    # Internal snapshots need qcow2: the raw disk is named, and nothing changes.
+    res = d.cli("snapshot", "create", "mix", "bad", check=False)
+    assert res.returncode != 0 and "disk1" in res.stderr and "raw" in res.stderr
+    assert snaps(d, "mix") == {}
+    for bad in ("123", "../x", "a b"):
+        res = d.cli("snapshot", "create", "mix", bad, check=False)
+        assert res.returncode != 0 and "invalid snapshot name" in res.stderr, res.stderr
+    assert d.cli("snapshot", "revert", "mix", "nosuch", check=False).returncode != 0
+    assert d.cli("snapshot", "delete", "nosuchvm", "x", check=False).returncode != 0
+    # A disk-only snapshot takes raw disks too: each gets a qcow2 overlay.
+    e1 = j(d, "snapshot", "create", "mix", "e1", "--disk-only")
+    assert {x["disk"] for x in e1["disks"]} == {"disk0", "disk1"}
+    assert d.cli("snapshot", "create", "mix", "e1", "--disk-only", check=False).returncode != 0  # taken
+    disks = {x["name"]: x for x in j(d, "vm", "disks", "mix")}
+    assert disks["disk1"]["format"] == "qcow2" and disks["disk1"]["backing"].endswith(".raw")
+    # Now every disk is qcow2: an internal snapshot of the running VM, then a disk-only one above it.
+    write_marker(d, "mix", "I2")
+    j(d, "snapshot", "create", "mix", "i2")
+    i2_images = [x["volume"] for x in snaps(d, "mix")["i2"]["disks"]]
+    j(d, "snapshot", "create", "mix", "e2", "--disk-only")
+    write_marker(d, "mix", "AFTER")
+    # Deleting i2 while running: its tag lives in images QEMU now reads as backing files.
+    d.cli("snapshot", "delete", "mix", "i2")
+    for key in i2_images:
+        assert "i2" not in tags(j(d, "volume", "info", key)["path"])
+    check_images(d, "mix")
+    assert marker(d, "mix") == "AFTER"
+    # Offline: an internal snapshot of the shut-off VM (disks only), a revert and a middle delete by qemu-img.
+    d.cli("vm", "stop", "mix", "--force")
+    off = j(d, "snapshot", "create", "mix", "off1")
+    assert off["state"] == "shut off" and not off["memory"] and off["parent"] == "e2"
+    d.cli("vm", "start", "mix")
+    running_with_agent(d, "mix")
+    write_marker(d, "mix", "LATER")
+    d.cli("vm", "stop", "mix", "--force")
+    assert j(d, "snapshot", "revert", "mix", "off1")["state"] == "shut off"
+    d.cli("snapshot", "delete", "mix", "e2")  # middle, offline
+    check_images(d, "mix")
+    d.cli("vm", "start", "mix")
+    running_with_agent(d, "mix")
+    assert marker(d, "mix") == "AFTER"
+    d.cli("vm", "stop", "mix", "--force")
+    d.cli("vm", "delete", "mix")
+    assert not [v["key"] for v in j(d, "volume", "list", "default") if v["key"].startswith("default/mix-")]
+
+
+def crash_during(d: Daemon, step: str, *cmd: str) -> None:
+    """Run cmd on a daemon that kills itself (-9) at `step`, then start it again (it finishes or undoes)."""
+    d.stop()
+    d.env["VMKIT_CRASH_AT"] = step
+    d.start()
+    try:
+        res = d.cli(*cmd, check=False)
+        assert res.returncode != 0, f"{step}: the daemon did not die at it"
+        assert d.proc is not None
+        d.proc.wait(10)
+        d.proc = None
+    finally:
+        del d.env["VMKIT_CRASH_AT"]
+    d.start()
+
+
+def consistent(d: Daemon, name: str) -> dict[str, dict[str, Any]]:
+    """The snapshot list matches the files: each snapshot's images exist (internal ones hold its tag), no
+    volume file is without its row or row without its file, no journal is left, every qcow2 is clean."""
+    import sqlite3
+
+    vols = {v["key"]: v for v in j(d, "volume", "list")}
+    listed = snaps(d, name)
+    for s in listed.values():
+        for disk in s["disks"]:
+            assert disk["volume"] in vols, (s["name"], disk)
+            if s["kind"] == "internal":
+                assert s["name"] in tags(vols[disk["volume"]]["path"]), (s["name"], disk)
+    pool = d.state_dir / "pools" / "default"
+    assert {p.name for p in pool.iterdir()} == {k.split("/", 1)[1] for k in vols if k.startswith("default/")}
+    con = sqlite3.connect(d.state_dir / "vmkit.db")
+    try:
+        assert con.execute("SELECT vm, data FROM journal").fetchall() == []
+    finally:
+        con.close()
+    check_images(d, name)
+    return listed
+
+
+def test_daemon_killed_at_each_step(daemon: Daemon) -> None:
+    d = daemon
+    boot(d, "crash")
+    running_with_agent(d, "crash")
+    write_marker(d, "crash", "BASE")
+    # Create, internal with RAM: killed before QEMU saves (QEMU has not started the job).
+    crash_during(d, "snapshot-create", "snapshot", "create", "crash", "c1")
+    assert "c1" not in consistent(d, "crash")
+    assert d.vm("crash")["state"] == "running"
+    # Create, external: killed with the overlays made but not yet under the guest → undone.
+    crash_during(d, "snapshot-external-overlays", "snapshot", "create", "crash", "x1", "--disk-only")
+    assert "x1" not in consistent(d, "crash")
+    # … and killed right after QEMU switched to them → kept.
+    crash_during(d, "snapshot-external-switched", "snapshot", "create", "crash", "x1", "--disk-only")
+    assert consistent(d, "crash")["x1"]["current"]
+    assert next(x for x in j(d, "vm", "disks", "crash") if x["name"] == "disk0")["backing"].endswith("disk0.qcow2")
+    running_with_agent(d, "crash")
+    write_marker(d, "crash", "AFTER-X1")
+    j(d, "snapshot", "create", "crash", "x2", "--disk-only")
+    # Revert killed after QEMU was stopped, and killed after the new spec was committed: both finish.
+    crash_during(d, "snapshot-revert", "snapshot", "revert", "crash", "x1")
+    listed = consistent(d, "crash")
+    assert listed["x1"]["current"] and d.vm("crash")["state"] == "shut off"
+    crash_during(d, "snapshot-revert-committed", "snapshot", "revert", "crash", "x2")
+    assert consistent(d, "crash")["x2"]["current"]
+    # Delete of a middle snapshot killed after its image was merged into the one above: finished at start.
+    crash_during(d, "snapshot-delete-merged", "snapshot", "delete", "crash", "x1")
+    assert set(consistent(d, "crash")) == {"x2"}
+    d.cli("vm", "start", "crash")
+    running_with_agent(d, "crash")
+    assert marker(d, "crash") == "AFTER-X1"
+    d.cli("vm", "stop", "crash", "--force")
+    d.cli("vm", "delete", "crash")

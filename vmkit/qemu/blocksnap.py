@@ -94,6 +94,38 @@ async def delete_internal(mon: Monitor, tag: str, tops: Sequence[str], *, job_id
     await mon.run_job("snapshot-delete", args, timeout_s=SNAPSHOT_JOB_TIMEOUT_S)
 
 
+async def delete_internal_below(mon: Monitor, node: Node, backing: str | None, tag: str, *, job_id: str) -> None:
+    """Delete internal snapshot `tag` of an image QEMU reads as a backing file (read-only): it gets a read-write
+    descriptor of its file, is reopened read-write for the deletion and read-only again after. `backing` is
+    its backing node's name (reopening must name it)."""
+    if node.fdset is None:
+        raise LookupError(f"node {node.name} reads no fdset")
+    await _add_rw_fd(mon, node)
+
+    def opts(read_only: bool) -> list[dict[str, Any]]:
+        return [
+            {"driver": "file", "node-name": f"{node.name}-file", "filename": f"/dev/fdset/{node.fdset}",
+             "read-only": read_only, "cache": {"direct": False}},
+            {"driver": "qcow2", "node-name": node.name, "file": f"{node.name}-file", "read-only": read_only,
+             "backing": backing},
+        ]  # fmt: skip
+
+    await mon.execute("blockdev-reopen", {"options": opts(False)})
+    try:
+        await delete_internal(mon, tag, [node.name], job_id=job_id)
+    finally:
+        await mon.execute("blockdev-reopen", {"options": opts(True)[::-1]})
+
+
+async def _add_rw_fd(mon: Monitor, node: Node) -> None:
+    """A read-write descriptor of node's image into its fdset, for QEMU to reopen it read-write with."""
+    fd = os.open(node.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        await mon.add_fd(fd, opaque=node.name, fdset_id=node.fdset)
+    finally:
+        os.close(fd)
+
+
 async def take_external(mon: Monitor, overlays: Sequence[tuple[str, int]]) -> list[str]:
     """Put a new overlay on each disk, all in one transaction: (disk, read-write descriptor of its new, empty
     qcow2 whose header names the disk's current image as backing). Returns the new top nodes. On any failure
@@ -126,11 +158,7 @@ async def stream(mon: Monitor, pid: int, child: str, base: str | None, base_path
     if child_node is None:
         raise LookupError(f"QEMU has no node {child}")
     if child_node.read_only and child_node.fdset is not None:
-        fd = os.open(child_node.path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            await mon.add_fd(fd, opaque=child, fdset_id=child_node.fdset)
-        finally:
-            os.close(fd)
+        await _add_rw_fd(mon, child_node)
     args: dict[str, object] = {"job-id": job_id, "device": child}
     if base is not None:
         # QEMU writes the base node's driver as the backing format, and this name as its file.

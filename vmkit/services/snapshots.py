@@ -458,13 +458,17 @@ class SnapshotService:
             node = blocksnap.node_of(nodes, path)
             if node is None:
                 await asyncio.to_thread(qemu_img.snapshot, path, "delete", tag)
-            elif not node.read_only and live is not None:
+            elif live is not None and not node.read_only:
                 await _qmp(blocksnap.delete_internal(live[0], tag, [node.name], job_id=_job_id("del", tag)))
-            else:
-                raise Conflict(
-                    f"snapshot {tag!r} lives in {key}, which the running VM reads as a backing image: "
-                    "stop the VM to delete this snapshot"
-                )
+            elif live is not None:
+                # Below the top (an external snapshot froze it): QEMU reopens it read-write for the deletion.
+                backing = self._volumes.row(key).backing
+                below = blocksnap.node_of(nodes, self._path(backing)) if backing else None
+                if backing is not None and below is None:
+                    raise Conflict(f"QEMU does not read {backing} below {key}; stop the VM to delete {tag!r}")
+                below_name = below.name if below else None
+                job = _job_id("del", tag)
+                await _qmp(blocksnap.delete_internal_below(live[0], node, below_name, tag, job_id=job))
 
     # ----- crash recovery ------------------------------------------------------------------------
     async def recover(self) -> None:
