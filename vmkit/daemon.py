@@ -132,6 +132,7 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.host.check import host_check
     from vmkit.qemu.argv import HostConfig
     from vmkit.services.auth import TokenService
+    from vmkit.services.clones import CloneService
     from vmkit.services.events import EventBus
     from vmkit.services.images import ImageService
     from vmkit.services.networks import NetworkService
@@ -235,6 +236,8 @@ async def serve(cfg: DaemonConfig) -> None:
     snapshots = SnapshotService(store=store, vms=vms, volumes=volumes)
     vms.snapshot_refs, vms.snapshot_images = snapshots.references, snapshots.owned_images
     await snapshots.recover()
+    clones = CloneService(store=store, vms=vms, volumes=volumes, snapshots=snapshots)
+    await clones.recover()
     # dnsmasq was (re)started before the VMs were known: tell it their names now.
     await networks.refresh_hosts()
     stats = StatsService(vms)
@@ -254,6 +257,7 @@ async def serve(cfg: DaemonConfig) -> None:
         networks=networks,
         vmnics=VmNicService(vms=vms, networks=networks),
         snapshots=snapshots,
+        clones=clones,
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,
         state_dir=str(cfg.state_dir),

@@ -12,6 +12,7 @@ from fastapi import Request, WebSocket
 from vmkit.errors import VmkitError
 from vmkit.qemu.argv import HostConfig
 from vmkit.services.auth import TokenService
+from vmkit.services.clones import CloneService
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
 from vmkit.services.networks import NetworkService
@@ -42,6 +43,7 @@ class Services:
     networks: NetworkService
     vmnics: VmNicService
     snapshots: SnapshotService
+    clones: CloneService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
     state_dir: str | None = None  # for the dashboard's disk usage

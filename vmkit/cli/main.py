@@ -621,7 +621,7 @@ class _Skipped:
 VERBS = {
     "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "ifaddr", "attach-nic", "detach-nic",
            "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown", "stop", "delete",
-           "autostart", "wait", "log", "console", "exec"},
+           "autostart", "wait", "log", "console", "exec", "clone"},
     "image": {"list", "demo"},
     "pool": {"list", "info", "create", "refresh", "delete"},
     "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases", "forward"},
@@ -791,7 +791,9 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
     sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
 
-    from vmkit.cli import networks, pools, snapshots, volumes
+    from vmkit.cli import clones, networks, pools, snapshots, volumes
+
+    clones.add_parsers(vm, add)
 
     pools.add_parsers(nouns, add)
     volumes.add_parsers(nouns, add)

@@ -48,11 +48,14 @@ class VmState(StrEnum):
     SHUTOFF = "shut off"
     CRASHED = "crashed"
     PMSUSPENDED = "pmsuspended"
+    # Shut off with its RAM and device state kept in a managed save (services/vmsave.py): the next start
+    # resumes from it. virsh shows such a domain "shut off (saved)"; a word of its own tells it apart here.
+    SAVED = "saved"
 
     @property
     def active(self) -> bool:
         """True while a QEMU process exists for the VM."""
-        return self not in (VmState.SHUTOFF, VmState.CRASHED)
+        return self not in (VmState.SHUTOFF, VmState.CRASHED, VmState.SAVED)
 
 
 class _Strict(BaseModel):
@@ -126,6 +129,9 @@ class VmSpec(_Strict):
     disks: list[DiskSpec] = Field(default_factory=list)
     cdroms: list[CdromSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
+    # Images vmkit made for this VM that sit below its disks and that others share (a linked clone froze them
+    # under both VMs): deleted with the VM, like its disks, once nothing else needs them. POOL/NAME.
+    bases: list[str] = Field(default_factory=list)
     # Limits on the whole QEMU (its cgroup); None is the host's default.
     cpu_weight: int | None = None
     cpu_max_percent: int | None = None
@@ -297,6 +303,24 @@ class CreateVm(_Strict):
         if v is not None and any(c in v for c in "\0\n"):
             raise ValueError("must be a single line")
         return v
+
+
+class CloneVm(_Strict):
+    """Body of POST /v1/vms/{name}/clone (virt-clone): a new VM with the source's devices, a new UUID, new MACs
+    and new disks: full copies, or (linked) overlays on the source's current images, which become read-only
+    bases of both VMs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    name: Annotated[str, Field(description="the new VM's name", json_schema_extra={"pattern": NAME_PATTERN})]
+    linked: bool = False
+    memory_mib: Annotated[int | None, Field(ge=MEMORY_MIB_MIN, le=MEMORY_MIB_MAX)] = None
+    vcpus: Annotated[int | None, Field(ge=1, le=VCPUS_MAX)] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
 
 
 class LiveIoLimits(BaseModel):

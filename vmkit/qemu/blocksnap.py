@@ -166,6 +166,14 @@ async def stream(mon: Monitor, pid: int, child: str, base: str | None, base_path
     await mon.run_job("block-stream", args, timeout_s=STREAM_TIMEOUT_S)
 
 
+async def commit_back(mon: Monitor, disk: str, base: str, *, job_id: str) -> None:
+    """Merge the overlay disk runs on now into node `base` below it and make `base` the active layer again
+    (undoing a temporary snapshot); the overlay's nodes are then unused (drop_image)."""
+    top = await top_node(mon, disk)
+    args = {"job-id": job_id, "device": top, "base-node": base}
+    await mon.run_active_commit(args, timeout_s=STREAM_TIMEOUT_S)
+
+
 async def drop_image(mon: Monitor, pid: int, path: str) -> None:
     """Remove the nodes and fdsets that read the image at path, which nothing in QEMU uses any more (a merge
     took it out of the chain)."""

@@ -305,6 +305,22 @@ class Monitor:
             await done.wait(timeout_s)
         await self._dismiss(job_id)
 
+    async def run_active_commit(self, args: dict[str, Any], *, timeout_s: float) -> None:
+        """block-commit of the active layer (args carry job-id, device, base-node): once the base has caught up
+        (the job is ready) the job is completed, so the base becomes the disk's active layer again. Raises
+        JobFailed or TimeoutError as run_job."""
+        job_id = str(args["job-id"])
+        with (
+            self.expect_event(EV_JOB_STATUS_CHANGE, lambda d: d.get("id") == job_id and d.get("status") in
+                              ("ready", "concluded")) as ready,
+            self.expect_event(EV_JOB_STATUS_CHANGE, _concluded(job_id)) as done,
+        ):  # fmt: skip
+            await self.execute("block-commit", {**args, "auto-dismiss": False})
+            if (await ready.wait(timeout_s)).get("status") == "ready":
+                await self.execute("job-complete", {"id": job_id})
+            await done.wait(timeout_s)
+        await self._dismiss(job_id)
+
     async def await_job(self, job_id: str, *, timeout_s: float) -> bool:
         """Wait for a job started earlier (by a daemon that died since) to conclude and dismiss it; False when
         QEMU has no such job. Raises JobFailed as run_job."""

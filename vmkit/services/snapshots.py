@@ -101,7 +101,7 @@ class SnapshotService:
         return keys
 
     # ----- helpers -------------------------------------------------------------------------------
-    def _live(self, vm: VmRuntime) -> tuple[Monitor, int] | None:
+    def live(self, vm: VmRuntime) -> tuple[Monitor, int] | None:
         """(monitor, QEMU's pid) while the VM runs or is paused; None when it is shut off."""
         if vm.proc is None and not vm.state.active:
             return None
@@ -109,7 +109,7 @@ class SnapshotService:
             raise Conflict(f"VM {vm.spec.name!r} is {vm.state}; snapshots need it running, paused or shut off")
         return vm.monitor, vm.proc.pid
 
-    def _check_free(self, vm: VmRuntime) -> None:
+    def check_free(self, vm: VmRuntime) -> None:
         if self._store.journal(vm.spec.name) is not None:
             raise Conflict(f"VM {vm.spec.name!r} has unfinished snapshot work; restart the daemon to finish it")
         busy = [d.volume for d in vm.spec.disks if d.volume and self._volumes.busy(d.volume)]
@@ -140,8 +140,8 @@ class SnapshotService:
         async with vm.lock:
             if any(r.name == req.name for r in self._store.snapshots(vm_name)):
                 raise Conflict(f"VM {vm_name!r} already has a snapshot named {req.name!r}")
-            self._check_free(vm)
-            live = self._live(vm)
+            self.check_free(vm)
+            live = self.live(vm)
             disks = [d for d in vm.spec.disks if not d.readonly]
             missing = [d.name for d in disks if d.volume is None]
             if missing:
@@ -280,7 +280,7 @@ class SnapshotService:
         vm = self._vms.runtime(vm_name)
         async with vm.lock:
             rec = self._record(vm_name, name)
-            self._check_free(vm)
+            self.check_free(vm)
             for key in [d.volume for d in rec.spec.disks if d.volume] + [c.volume for c in rec.spec.cdroms if c.volume]:
                 self._volumes.row(key)  # 404 now, not half-way: a volume it needs is gone
             plan = self._revert_plan(vm, rec)
@@ -341,7 +341,9 @@ class SnapshotService:
             _repoint(d, plan["disks"].get(d.name), self._volumes, owned=plan["disks"].get(d.name) in made or d.owned)
             for d in rec.spec.disks
         ]
-        spec = rec.spec.model_copy(update={"disks": disks, "name": vm.spec.name, "uuid": vm.spec.uuid})
+        # Bases shared with linked clones made since the snapshot stay the VM's.
+        bases = vm.spec.bases + [b for b in rec.spec.bases if b not in vm.spec.bases]
+        spec = rec.spec.model_copy(update={"disks": disks, "name": vm.spec.name, "uuid": vm.spec.uuid, "bases": bases})
         self._commit(vm, spec=spec, current=rec.name,
                      journal={"op": "discard", "discard": plan["discard"]})  # fmt: skip
         crashpoint("snapshot-revert-committed")
@@ -359,8 +361,8 @@ class SnapshotService:
         vm = self._vms.runtime(vm_name)
         async with vm.lock:
             rec = self._record(vm_name, name)
-            self._check_free(vm)
-            live = self._live(vm)
+            self.check_free(vm)
+            live = self.live(vm)
             self._commit(vm, journal={"op": "delete", "snapshot": name})
             await self._run_delete(vm, rec, live)
 
@@ -371,7 +373,7 @@ class SnapshotService:
         recs = [r for r in self._store.snapshots(vm.spec.name) if r.name != rec.name]
         if rec.kind == "internal":
             await self._drop_tags(vm, rec.name, self._images_of(vm, recs + [rec]), live)
-        needed = {d.volume for r in recs for d in r.spec.disks} | {d.volume for d in vm.spec.disks}
+        needed = {d.volume for r in recs for d in r.spec.disks} | {d.volume for d in vm.spec.disks} | set(vm.spec.bases)
         for d in rec.spec.disks:
             image = d.volume
             if d.readonly or not d.owned or image is None or image in needed:
@@ -486,8 +488,10 @@ class SnapshotService:
                 log.error("VM %s: cannot finish its interrupted %s: %s", vm_name, j.get("op"), e)
 
     async def _recover(self, vm: VmRuntime, j: dict[str, Any]) -> None:
+        if j.get("op") not in ("create", "revert", "discard", "delete"):
+            return  # a clone's or a save's: their services finish them
         try:
-            live = self._live(vm)
+            live = self.live(vm)
         except Conflict:
             live = None  # QEMU is there but not answering: treat its images as it left them
         op = j.get("op")
@@ -507,8 +511,7 @@ class SnapshotService:
         elif op == "delete":
             rec = self._record(vm.spec.name, j["snapshot"])
             await self._run_delete(vm, rec, live)
-        else:
-            self._commit(vm, journal=None)
+        # Other ops (a clone's, a save's) are their services' to finish.
 
     async def _recover_internal(self, vm: VmRuntime, rec: SnapshotRecord, live: tuple[Monitor, int] | None) -> None:
         if live is not None:

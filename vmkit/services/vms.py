@@ -559,6 +559,27 @@ class VmService:
         await self._nics_changed(spec)
         return vm.info()
 
+    async def define(self, spec: VmSpec) -> VmInfo:
+        """Add a VM made elsewhere (a clone) from its finished spec; its name must be free."""
+        async with self._create_lock:
+            if spec.name in self._vms:
+                raise Conflict(f"a VM named {spec.name!r} already exists")
+            uid = self._next_uid()
+            self._store.add_vm(spec, autostart=False, uid=uid)
+            vm = VmRuntime(spec, False, VmState.SHUTOFF, None, self.paths(spec.name), uid=uid)
+            self._vms[spec.name] = vm
+            self._bus.publish("vm-created", vm=spec.name)
+        await self._nics_changed(spec)
+        return vm.info()
+
+    def new_mac(self) -> str:
+        """A MAC no NIC on this host has."""
+        taken = {n.mac for vm in self._vms.values() for n in vm.spec.nics}
+        mac = _mac()
+        while mac in taken:
+            mac = _mac()
+        return mac
+
     async def _nics_changed(self, spec: VmSpec) -> None:
         """dnsmasq of each network the VM has a NIC on learns its MAC → name (DNS names of VMs)."""
         for net in {n.network for n in spec.nics if n.network}:
@@ -770,7 +791,7 @@ class VmService:
                 raise Conflict(f"VM {name!r} is {vm.state}; stop it first")
             # Its disks and the images only its snapshots name (services/snapshots.py).
             owned = [d.volume for d in vm.spec.disks if d.owned and d.volume]
-            owned += [k for k in self.snapshot_images(name) if k not in owned]
+            owned += [k for k in [*self.snapshot_images(name), *vm.spec.bases] if k not in owned]
             if not keep_disks:
                 for key in owned:
                     deps = [k for k in self._volumes.dependents(key) if k not in owned]

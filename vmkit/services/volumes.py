@@ -282,6 +282,10 @@ class VolumeService:
             raise
         self._store.update_volume(pool, name, state="ready")
 
+    def reserve_file(self, pool: str, name: str, *, fmt: str) -> contextlib.AbstractContextManager[tuple[Path, Path]]:
+        """_reserve for a file another service writes itself (a VM's saved state: services/vmsave.py)."""
+        return self._reserve(pool, name, fmt=fmt, prealloc="off", backing=None)
+
     async def create(self, pool: str, req: CreateVolume, progress: Progress = _no_progress) -> VolumeInfo:
         if req.format == "raw" and req.prealloc == "metadata":
             raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
@@ -298,6 +302,7 @@ class VolumeService:
         base = self.row(backing_key)
         if base.format == "iso":
             raise InvalidInput(f"{backing_key} is an ISO image; it cannot back a disk")
+        _refuse_save(base, "back a disk")
         base_path = self._path_of(base)
         base_size = virtual_size(base_path, base.format)
         if size_bytes is not None and size_bytes < base_size:
@@ -314,13 +319,18 @@ class VolumeService:
             )
         return self.info(f"{pool}/{name}")
 
-    async def clone(self, src_key: str, req: CloneVolume, progress: Progress = _no_progress) -> VolumeInfo:
+    async def clone(
+        self, src_key: str, req: CloneVolume, progress: Progress = _no_progress, *, frozen: bool = False
+    ) -> VolumeInfo:
+        """A full copy (a standalone image: an overlay's chain flattened) or a linked one (an overlay on it).
+        frozen: the caller made sure no guest writes the source any more (a snapshot of a running VM froze it)."""
         pool, name = self._split(req.target)
         src = self.row(src_key)
+        _refuse_save(src, "be cloned")
         if req.linked:
             return await self.create_overlay(pool, name, src_key)
         async with self._lock(src_key):
-            if self._running_users(src_key):
+            if not frozen and self._running_users(src_key):
                 # A running guest writes under us: the copy would be torn.
                 raise Conflict(f"{src_key} is in use by running VM(s) {', '.join(self._running_users(src_key))}")
             src_path = self._path_of(src)
@@ -508,6 +518,7 @@ class VolumeService:
         row = self.row(key)
         if row.format == "iso":
             raise InvalidInput(f"{key} is an ISO image; it cannot be resized")
+        _refuse_save(row, "be resized")
         async with self._lock(key):
             self._refuse_if_running(key, "resize")
             path = self._path_of(row)
@@ -531,6 +542,7 @@ class VolumeService:
         row = self.row(key)
         if row.format == "iso":
             raise InvalidInput(f"{key} is an ISO image; it cannot be converted")
+        _refuse_save(row, "be converted")
         if req.format == "raw" and req.prealloc == "metadata":
             raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
         async with self._lock(key):
@@ -581,6 +593,12 @@ class VolumeService:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self._store.delete_volume(row.pool, row.name)
+
+
+def _refuse_save(row: VolumeRow, what: str) -> None:
+    """A saved VM state is only ever read back by a restore: no disk may use it, no tool rewrite it."""
+    if row.format == "save":
+        raise InvalidInput(f"{row.key} is a saved VM state (vmkit vm restore {row.key}); it cannot {what}")
 
 
 def _convert_tmp(name: str) -> str:

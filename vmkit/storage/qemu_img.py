@@ -339,6 +339,12 @@ def rebase(path: Path, backing: Path | None, backing_fmt: str | None) -> None:
     _qemu_img([*args, _arg(path)], path, timeout_s=None)
 
 
+def commit(path: Path) -> None:
+    """Write the qcow2 overlay at path into its backing image (the one its header names; callers check it)
+    and empty it (qemu-img commit; the offline twin of QEMU's block-commit)."""
+    _qemu_img(["commit", "-q", "-f", "qcow2", "-t", "writeback", _arg(path)], path, timeout_s=None)
+
+
 SNAPSHOT_OPS = {"create": "-c", "apply": "-a", "delete": "-d"}
 
 
