@@ -4,8 +4,10 @@ initramfs) says which memory state it has."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import Daemon
@@ -99,11 +101,11 @@ def test_snapshot_tree_internal_and_external(daemon: Daemon) -> None:
     # External, live: overlays on the disk, the old image a read-only backing file.
     write_marker(d, "tree", "C")
     s2 = j(d, "snapshot", "create", "tree", "s2", "--disk-only", "--atomic")
-    assert s2["kind"] == "external" and not s2["memory"] and s2["parent"] == "s1"
+    assert s2["kind"] == "external" and not s2["memory"] and s2["parent"] == "s1" and s2["quiesced"]
     disk = next(x for x in j(d, "vm", "disks", "tree") if x["name"] == "disk0")
     assert disk["backing"] == s2["disks"][0]["volume"] and disk["format"] == "qcow2"
     write_marker(d, "tree", "D")
-    j(d, "snapshot", "create", "tree", "s3", "--disk-only")
+    assert not j(d, "snapshot", "create", "tree", "s3", "--disk-only", "--no-quiesce")["quiesced"]
     write_marker(d, "tree", "E")
     tree = d.cli("snapshot", "list", "tree", "--tree").stdout
     assert "s3 *" in tree and tree.index("s1") < tree.index("s2") < tree.index("s3"), tree
@@ -277,3 +279,34 @@ def test_daemon_killed_at_each_step(daemon: Daemon) -> None:
     assert marker(d, "crash") == "AFTER-X1"
     d.cli("vm", "stop", "crash", "--force")
     d.cli("vm", "delete", "crash")
+
+
+def test_disk_full_is_a_clean_error(daemon: Daemon, tmp_path: Path) -> None:
+    from tests.integration.test_storage_fake import small_fs
+
+    d = daemon
+    with small_fs(tmp_path / "tiny", "8m") as where:
+        j(d, "pool", "create", "tiny", "--path", str(where))
+        boot(d, "full", "--disk", "4M,pool=tiny")
+        running_with_agent(d, "full")
+        write_marker(d, "full", "FULL")
+        before = {v["key"] for v in j(d, "volume", "list")}
+        # Fill the pool's filesystem to the last block.
+        with contextlib.suppress(OSError), open(where / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 65536)
+        for args in (("x1", "--disk-only"), ("i1",)):
+            res = d.cli("snapshot", "create", "full", *args, check=False)
+            assert res.returncode != 0 and "space" in res.stderr.lower(), res.stderr
+            assert snaps(d, "full") == {}
+            assert {v["key"] for v in j(d, "volume", "list")} == before
+            for key in before:
+                if key.startswith(("default/full-", "tiny/")):
+                    assert "i1" not in tags(j(d, "volume", "info", key)["path"])
+        check_images(d, "full")
+        assert marker(d, "full") == "FULL" and d.vm("full")["state"] == "running"
+        (where / "filler").unlink()
+        j(d, "snapshot", "create", "full", "x1", "--disk-only")
+        d.cli("vm", "stop", "full", "--force")
+        d.cli("vm", "delete", "full")
+        d.cli("pool", "delete", "tiny")

@@ -39,6 +39,7 @@ class SnapshotRecord(BaseModel):
     parent: str | None = None
     state: SnapshotState
     memory: bool = False  # RAM and device state saved (internal snapshots of a running or paused VM)
+    quiesced: bool = False  # the guest's filesystems were frozen through its agent (external, running VM)
     description: str = ""
     created_at: float
     spec: VmSpec
@@ -88,6 +89,7 @@ class SnapshotInfo(BaseModel):
     current: bool = False
     state: SnapshotState
     memory: bool = False
+    quiesced: bool = False
     description: str = ""
     created_at: float
     disks: list[dict[str, str | None]] = Field(default_factory=list)  # {disk, volume} of each image holding it

@@ -28,7 +28,7 @@ import os
 import time
 from typing import Any
 
-from vmkit.errors import Conflict, InvalidInput, NotFound, VmkitError
+from vmkit.errors import Conflict, InvalidInput, NoSpace, NotFound, VmkitError
 from vmkit.model.snapshot import CreateSnapshot, SnapshotInfo, SnapshotRecord
 from vmkit.model.storage import DEFAULT_POOL, split_volume
 from vmkit.model.vm import DiskSpec, VmInfo, VmSpec, VmState
@@ -43,6 +43,7 @@ from vmkit.util.crash import crashpoint
 
 log = logging.getLogger(__name__)
 
+FULL_BELOW_BYTES = 4 * 1024 * 1024  # a pool with less free is taken as full when QEMU fails to write into it
 _STATE_WORD = {VmState.RUNNING: "running", VmState.PAUSED: "paused"}
 
 
@@ -80,6 +81,7 @@ class SnapshotService:
             current=rec.name == current,
             state=rec.state,
             memory=rec.memory,
+            quiesced=rec.quiesced,
             description=rec.description,
             created_at=rec.created_at,
             disks=[{"disk": d.name, "volume": d.volume} for d in rec.spec.disks if not d.readonly],
@@ -115,6 +117,11 @@ class SnapshotService:
         busy = [d.volume for d in vm.spec.disks if d.volume and self._volumes.busy(d.volume)]
         if busy:
             raise Conflict(f"volume(s) {', '.join(busy)} are busy (an operation on them is running)")
+
+    def _full_pools(self, disks: list[DiskSpec]) -> list[str]:
+        """The pools of these disks whose filesystem is (nearly) full: what QEMU's vague errors then mean."""
+        pools = sorted({split_volume(d.volume)[0] for d in disks if d.volume})
+        return [p for p in pools if (self._volumes.pool_info(p).available_bytes or 0) < FULL_BELOW_BYTES]
 
     def _path(self, key: str) -> str:
         return str(self._volumes.path(key))
@@ -184,6 +191,10 @@ class SnapshotService:
                 try:
                     await blocksnap.save_internal(mon, rec.name, tops, job_id=_job_id("save", rec.name))
                 except JobFailed as e:
+                    full = self._full_pools(disks)
+                    if full:
+                        where = ", ".join(full)
+                        raise NoSpace(f"no space left in pool(s) {where} for snapshot {rec.name!r} ({e})") from None
                     raise VmkitError(f"QEMU could not save snapshot {rec.name!r}: {e}") from None
             else:
                 for d in disks:
@@ -219,7 +230,8 @@ class SnapshotService:
                 await self._volumes.create_overlay(pool, name, d.volume or "")
             crashpoint("snapshot-external-overlays")
             if live is not None:
-                await self._switch_live(vm, live[0], new, quiesce=quiesce)
+                quiesced = await self._switch_live(vm, live[0], new, quiesce=quiesce)
+                rec = rec.model_copy(update={"quiesced": quiesced})
             crashpoint("snapshot-external-switched")
         except BaseException:
             for key in new.values():
@@ -230,9 +242,9 @@ class SnapshotService:
         self._commit(vm, add=rec, spec=spec,
                      current=rec.name, journal=None)  # fmt: skip
 
-    async def _switch_live(self, vm: VmRuntime, mon: Monitor, new: dict[str, str], *, quiesce: bool) -> None:
+    async def _switch_live(self, vm: VmRuntime, mon: Monitor, new: dict[str, str], *, quiesce: bool) -> bool:
         """Put the new overlays under the running guest, in one transaction, its filesystems frozen if asked and
-        its agent answers."""
+        its agent answers; whether they were."""
         uid = vm.uid if vm.uid is not None else 0
         with contextlib.ExitStack() as stack:
             fds = []
@@ -247,6 +259,7 @@ class SnapshotService:
             finally:
                 if frozen:
                     await self._thaw(vm)
+        return frozen
 
     async def _freeze(self, vm: VmRuntime) -> bool:
         if not vm.agent or vm.state is not VmState.RUNNING:
@@ -281,6 +294,13 @@ class SnapshotService:
         async with vm.lock:
             rec = self._record(vm_name, name)
             self.check_free(vm)
+            if vm.state is VmState.SAVED:
+                # Its managed save holds a guest that has the current disks in its caches: changing them under it
+                # would corrupt them when it resumes.
+                raise Conflict(
+                    f"VM {vm_name!r} has a managed save: start it (it resumes) and stop it, or discard the saved "
+                    f"state (vmkit vm managedsave-remove {vm_name}), before reverting"
+                )
             for key in [d.volume for d in rec.spec.disks if d.volume] + [c.volume for c in rec.spec.cdroms if c.volume]:
                 self._volumes.row(key)  # 404 now, not half-way: a volume it needs is gone
             plan = self._revert_plan(vm, rec)
