@@ -262,6 +262,51 @@ def test_rebase_unsafe(tmp_path: Path) -> None:
     assert qemu_img.compare(top, "qcow2", moved, "raw")
 
 
+def test_safe_rebase_merges_the_image_below_and_commit_writes_down(tmp_path: Path) -> None:
+    # base <- mid <- top: merging mid into top (its data copied up) keeps top's content, mid can then go.
+    base, mid, top = tmp_path / "base.raw", tmp_path / "mid.qcow2", tmp_path / "t,op.qcow2"
+    qemu_img.create(base, fmt="raw", size_bytes=SIZE)
+    qemu_io(base, "raw", "write -P 0x11 0 1M")
+    qemu_img.create(mid, fmt="qcow2", size_bytes=0, backing=base, backing_fmt="raw")
+    qemu_io(mid, "qcow2", "write -P 0x22 1M 1M")
+    qemu_img.create(top, fmt="qcow2", size_bytes=0, backing=mid, backing_fmt="qcow2")
+    qemu_io(top, "qcow2", "write -P 0x33 2M 1M")
+    qemu_img.rebase(top, base, "raw")
+    assert qemu_img.info(top, "qcow2").backing_file == str(base)
+    mid.unlink()
+    qemu_io(top, "qcow2", "read -P 0x11 0 1M", "read -P 0x22 1M 1M", "read -P 0x33 2M 1M")
+    # Standalone: everything below is copied in.
+    qemu_img.rebase(top, None, None)
+    assert qemu_img.info(top, "qcow2").backing_file is None
+    qemu_io(top, "qcow2", "read -P 0x11 0 1M", "read -P 0x22 1M 1M")
+    with pytest.raises(ValueError):
+        qemu_img.rebase(top, base, None)
+    # commit: an overlay's writes go into the image below.
+    over = tmp_path / "over.qcow2"
+    qemu_img.create(over, fmt="qcow2", size_bytes=0, backing=top, backing_fmt="qcow2")
+    qemu_io(over, "qcow2", "write -P 0x44 3M 1M")
+    qemu_img.commit(over)
+    qemu_io(top, "qcow2", "read -P 0x44 3M 1M")
+
+
+def test_internal_snapshots(tmp_path: Path) -> None:
+    img = tmp_path / "a,b.qcow2"  # a comma: the path travels inside --image-opts
+    qemu_img.create(img, fmt="qcow2", size_bytes=SIZE)
+    qemu_io(img, "qcow2", "write -P 0x11 0 1M")
+    qemu_img.snapshot(img, "create", "s1")
+    qemu_io(img, "qcow2", "write -P 0x22 0 1M")
+    assert qemu_img.snapshot_tags(img) == {"s1": 0}  # disks only: no VM state
+    qemu_img.snapshot(img, "apply", "s1")
+    qemu_io(img, "qcow2", "read -P 0x11 0 1M")
+    qemu_img.snapshot(img, "delete", "s1")
+    assert qemu_img.snapshot_tags(img) == {}
+    with pytest.raises(CommandFailed):
+        qemu_img.snapshot(img, "apply", "s1")
+    for op, tag in (("list", "s1"), ("create", "-l"), ("create", "")):
+        with pytest.raises(ValueError):
+            qemu_img.snapshot(img, op, tag)
+
+
 def test_check(tmp_path: Path) -> None:
     path = tmp_path / "v.qcow2"
     qemu_img.create(path, fmt="qcow2", size_bytes=SIZE)
