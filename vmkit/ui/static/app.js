@@ -2,7 +2,7 @@
 import { ApiError, api, del, get, onUnauthorized, post, vmPath } from "./api.js";
 import { lineChart } from "./charts.js";
 
-const STATES = ["running", "paused", "in shutdown", "shut off", "crashed", "pmsuspended"];
+const STATES = ["running", "paused", "in shutdown", "shut off", "saved", "crashed", "pmsuspended"];
 // What each state allows, in the order the buttons show (virsh's words; "stop" is a hard stop: virsh destroy).
 const ACTIONS = {
   "running": ["pause", "shutdown", "reboot", "destroy"],
@@ -10,6 +10,7 @@ const ACTIONS = {
   "in shutdown": ["destroy"],
   "pmsuspended": ["destroy"],
   "shut off": ["start", "delete"],
+  "saved": ["start", "delete"], // a managed save: start resumes it
   "crashed": ["start", "delete"],
 };
 const LABELS = { start: "Start", pause: "Pause", resume: "Resume", shutdown: "Shut down", reboot: "Reboot",
@@ -314,7 +315,9 @@ function detailPage(view, name) {
   const disks = h("tbody");
   const nics = h("tbody");
   const charts = h("div", { class: "charts" });
-  view.append(head,
+  const clone = cloneForm(name);
+  const snapshots = snapshotsCard(name, () => loadDisks());
+  view.append(head, clone.form,
     h("section", { class: "card" }, h("h2", { text: "Overview" }), overview),
     h("section", { class: "card", id: "console" }, h("h2", { text: "Console" }),
       // The console page (VNC and serial) is its own page: api/consoles.py + console.html.
@@ -325,6 +328,7 @@ function detailPage(view, name) {
         .map((c) => h("th", { scope: "col", text: c })))), disks)),
     h("section", { class: "card" }, h("h2", { text: "Network cards" }), h("table", { class: "plain" },
       h("thead", {}, h("tr", {}, ["#", "Kind", "MAC"].map((c) => h("th", { scope: "col", text: c })))), nics)),
+    snapshots.card,
     h("section", { class: "card" }, h("h2", { text: "Performance" }), charts));
   const update = () => {
     const vm = state.vms.get(name);
@@ -332,7 +336,9 @@ function detailPage(view, name) {
       head.replaceChildren(h("h1", { text: name }), h("p", { class: "error", role: "alert", text: "no such VM" }));
       return;
     }
-    head.replaceChildren(h("h1", {}, vm.name, " ", badge(vm.state)), actionButtons(vm));
+    const actions = actionButtons(vm);
+    if (!readOnly()) actions.append(clone.toggle);
+    head.replaceChildren(h("h1", {}, vm.name, " ", badge(vm.state)), actions);
     const rows = [["State", vm.state + (vm.reason ? ` (${vm.reason})` : "")], ["vCPUs", vm.vcpus],
       ["Memory", `${vm.memory_mib} MiB`], ["Image", vm.image || "—"], ["Autostart", vm.autostart ? "on" : "off"],
       ["Guest agent", vm.agent ? "connected" : "not connected"], ["QEMU pid", vm.pid ?? "—"],
@@ -343,13 +349,17 @@ function detailPage(view, name) {
       : [h("tr", {}, h("td", { colspan: "3", class: "muted", text: "none" }))]));
   };
   update();
-  get(vmPath(name, "disks")).then((list) => disks.replaceChildren(...list.map((d) => h("tr", {},
-    h("td", { text: d.name }), h("td", { text: d.device }),
-    h("td", { class: "path", text: d.volume || d.path || "(empty)" }),
-    h("td", { text: [d.format, d.provisioning].filter(Boolean).join(", ") || "—" }),
-    h("td", { text: d.backing || "—" }), h("td", { text: String(d.live?.iops ?? d.iops_total ?? "—") }),
-    h("td", { text: d.live?.bps ?? d.bps_total ? bytes(d.live?.bps ?? d.bps_total) + "/s" : "—" })))))
+  // Snapshots change the disks' images (a disk-only one puts an overlay on each): reloaded after each.
+  const loadDisks = () => get(vmPath(name, "disks")).then((list) => disks.replaceChildren(...list.map((d) =>
+    h("tr", {},
+      h("td", { text: d.name }), h("td", { text: d.device }),
+      h("td", { class: "path", text: d.volume || d.path || "(empty)" }),
+      h("td", { text: [d.format, d.provisioning].filter(Boolean).join(", ") || "—" }),
+      h("td", { text: d.backing || "—" }), h("td", { text: String(d.live?.iops ?? d.iops_total ?? "—") }),
+      h("td", { text: d.live?.bps ?? d.bps_total ? bytes(d.live?.bps ?? d.bps_total) + "/s" : "—" })))))
     .catch((e) => { if (e.status !== 404) showError(e, "disks"); });
+  loadDisks();
+  snapshots.load();
   every(2000, async () => {
     if (!state.vms.has(name)) return;
     let st;
@@ -357,6 +367,178 @@ function detailPage(view, name) {
     charts.replaceChildren(...statsCharts(st));
   });
   return { update };
+}
+
+const field = (id, label, input, hint) => h("div", { class: "field" }, h("label", { for: id, text: label }),
+  input, hint ? h("small", { class: "muted", text: hint }) : null);
+
+// The VM page's clone form (virt-clone), opened from its actions: a long copy, followed as an operation.
+function cloneForm(name) {
+  const newName = h("input", { id: "clone-name", name: "clone-name", required: true, autocomplete: "off",
+    spellcheck: "false", value: `${name}-clone`, pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]{0,62}" });
+  const linked = h("input", { id: "clone-linked", name: "clone-linked", type: "checkbox" });
+  const submit = h("button", { type: "submit", class: "primary" }, "Create clone");
+  const toggle = h("button", { type: "button", id: "clone-toggle", "aria-expanded": "false",
+    "aria-controls": "clone-form", "aria-label": `Clone ${name}`, onclick: () => show(form.hidden) }, "Clone…");
+  const form = h("form", { id: "clone-form", class: "card inline-form", hidden: true, novalidate: true,
+    "aria-labelledby": "h-clone", onsubmit: async (e) => {
+      e.preventDefault();
+      const body = { name: newName.value.trim(), linked: linked.checked };
+      const here = location.hash;
+      submit.disabled = true;
+      try {
+        const res = await post(vmPath(name, "clone"), body);
+        const op = await followOperation(res.operation);
+        if (op?.status === "failure") throw new Error(op.error);
+        if (op?.result?.name) state.vms.set(op.result.name, op.result);
+        toast(`VM ${body.name} cloned from ${name}${body.linked ? " (linked)" : ""}`);
+        if (location.hash === here) location.hash = `#/vms/${encodeURIComponent(body.name)}`;
+      } catch (ex) {
+        showError(ex, `Clone ${name}`);
+        newName.focus();
+      } finally {
+        submit.disabled = false;
+      }
+    } },
+  h("h2", { id: "h-clone", text: `Clone ${name}` }),
+  field("clone-name", "New VM's name", newName, "1-63 characters: A-Z a-z 0-9 . _ -"),
+  h("label", { class: "check" }, linked,
+    " Linked: overlays on this VM's disks (which become read-only bases of both) instead of full copies"),
+  h("div", { class: "actions" }, submit,
+    h("button", { type: "button", onclick: () => { show(false); toggle.focus(); } }, "Cancel")));
+  function show(on) {
+    form.hidden = !on;
+    toggle.setAttribute("aria-expanded", String(on));
+    if (on) newName.select();
+  }
+  return { form, toggle };
+}
+
+const snapshotKind = (s) => s.kind === "external" ? `disk-only${s.quiesced ? ", quiesced" : ""}`
+  : s.memory ? "internal + RAM" : "internal";
+
+// The snapshot tree in table rows, depth first: each child right under its parent, siblings oldest first.
+function snapshotTree(list) {
+  const by = new Map(list.map((s) => [s.name, s]));
+  const age = (a, b) => a.created_at - b.created_at;
+  const out = [];
+  const walk = (s, depth) => {
+    out.push([s, depth]);
+    for (const c of s.children.map((n) => by.get(n)).filter(Boolean).sort(age)) walk(c, depth + 1);
+  };
+  for (const s of list.filter((x) => !x.parent || !by.has(x.parent)).sort(age)) walk(s, 0);
+  return out;
+}
+
+// The VM page's Snapshots card (virt-manager's snapshot view): the tree, a form to take one, revert, delete.
+function snapshotsCard(name, changed) {
+  const ro = readOnly();
+  const tbody = h("tbody");
+  let list = [], busy = false, seq = 0;
+  const snapName = h("input", { id: "snap-name", name: "snap-name", required: true, autocomplete: "off",
+    spellcheck: "false", placeholder: "e.g. before-upgrade", pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]{0,62}" });
+  const desc = h("input", { id: "snap-description", name: "snap-description", maxlength: "1000",
+    autocomplete: "off" });
+  const diskOnly = h("input", { id: "snap-disk-only", name: "snap-disk-only", type: "checkbox" });
+  const submit = h("button", { type: "submit", class: "primary" }, "Take snapshot");
+  const form = ro ? null : h("form", { class: "inline-form snap-form", novalidate: true,
+    "aria-label": "Take a snapshot", onsubmit: (e) => {
+      e.preventDefault();
+      const body = { name: snapName.value.trim(), description: desc.value, disk_only: diskOnly.checked };
+      run(`Take snapshot ${body.name || "(no name)"}`, async () => {
+        await post(vmPath(name, "snapshots"), body);
+        toast(`Snapshot ${body.name} of ${name} taken`);
+        snapName.value = desc.value = "";
+        diskOnly.checked = false;
+      }, () => snapName.focus());
+    } },
+  field("snap-name", "Snapshot name", snapName), field("snap-description", "Description", desc),
+  h("label", { class: "check", title: "external: a new overlay on every disk; internal ones hold RAM too "
+    + "while the VM runs" }, diskOnly, " Disk only"), submit);
+  const card = h("section", { class: "card", id: "snapshots", "aria-labelledby": "h-snapshots" },
+    h("h2", { id: "h-snapshots", text: "Snapshots" }), form,
+    h("table", { class: "plain snapshots" }, h("thead", {}, h("tr", {},
+      ["Name", "Kind", "VM state", "Taken", "Description", ro ? null : "Actions"].filter(Boolean)
+        .map((c) => h("th", { scope: "col", text: c })))), tbody));
+
+  // One change at a time: the card's buttons are off until it ends and the list is reloaded.
+  async function run(what, fn, onError) {
+    busy = true;
+    render();
+    try {
+      await fn();
+    } catch (e) {
+      showError(e, what);
+      onError?.();
+    } finally {
+      busy = false;
+      await load();
+      changed();
+    }
+  }
+
+  function revert(s) {
+    const after = s.memory ? `it resumes ${s.state} from the snapshot's RAM` : "it is left shut off";
+    if (!confirm(`Revert ${name} to snapshot ${s.name}? The VM's current state is lost (${after}).`)) return;
+    run(`Revert ${name} to ${s.name}`, async () => {
+      state.vms.set(name, await post(vmPath(name, `snapshots/${encodeURIComponent(s.name)}/revert`)));
+      page?.update?.();
+      toast(`${name} reverted to snapshot ${s.name}`);
+    });
+  }
+
+  function remove(s) {
+    if (!confirm(`Delete snapshot ${s.name} of ${name}? The other snapshots stay revertable.`)) return;
+    run(`Delete snapshot ${s.name}`, async () => {
+      await del(vmPath(name, `snapshots/${encodeURIComponent(s.name)}`));
+      toast(`Snapshot ${s.name} of ${name} deleted`);
+    });
+  }
+
+  function render() {
+    submit.disabled = busy;
+    const cols = ro ? 5 : 6;
+    if (!list.length) {
+      tbody.replaceChildren(h("tr", {}, h("td", { colspan: String(cols), class: "muted", text: "No snapshots." })));
+      return;
+    }
+    tbody.replaceChildren(...snapshotTree(list).map(([s, depth]) => {
+      const when = new Date(s.created_at * 1000);
+      const nameCell = h("td", { class: "snap-name" },
+        depth ? h("span", { class: "tree", "aria-hidden": "true", text: "└ " }) : null, s.name,
+        s.parent ? h("span", { class: "visually-hidden", text: ` (child of ${s.parent})` }) : null,
+        s.current ? h("span", { class: "badge current", title: "the VM's present state grew from this one",
+          text: "current" }) : null);
+      nameCell.style.setProperty("--depth", String(depth));
+      return h("tr", { "data-snap": s.name, "data-parent": s.parent || undefined,
+        "aria-current": s.current ? "true" : undefined },
+      nameCell,
+      h("td", { text: snapshotKind(s) }),
+      h("td", {}, badge(s.state)),
+      h("td", {}, h("time", { datetime: when.toISOString(), text: when.toLocaleString() })),
+      h("td", { text: s.description || "—" }),
+      ro ? null : h("td", {}, h("div", { class: "actions" },
+        h("button", { type: "button", "data-action": "revert", "aria-label": `Revert to ${s.name}`,
+          disabled: busy, onclick: () => revert(s) }, "Revert"),
+        h("button", { type: "button", class: "danger", "data-action": "delete",
+          "aria-label": `Delete snapshot ${s.name}`, disabled: busy, onclick: () => remove(s) }, "Delete"))));
+    }));
+  }
+
+  async function load() {
+    const mine = ++seq;
+    try {
+      const now = await get(vmPath(name, "snapshots"));
+      if (mine !== seq) return; // a later load answers
+      list = now;
+    } catch (e) {
+      if (e.status !== 404) showError(e, "snapshots");
+    }
+    render();
+  }
+
+  render();
+  return { card, load };
 }
 
 // Counters become rates between consecutive samples (a QEMU restart resets them: negative steps are skipped).
@@ -416,8 +598,6 @@ function createPage(view) {
       showError(e, "listing images");
     }
   }
-  const field = (id, label, input, hint) => h("div", { class: "field" }, h("label", { for: id, text: label }),
-    input, hint ? h("small", { class: "muted", text: hint }) : null);
   const name = h("input", { id: "name", name: "name", required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]{0,62}",
     autocomplete: "off", spellcheck: "false" });
   const memory = h("input", { id: "memory", name: "memory", type: "number", min: "16", value: "256", required: true });
