@@ -30,3 +30,4 @@ bench: deps
 	.venv/bin/python bench/console_echo.py
 	.venv/bin/python bench/storage.py
 	.venv/bin/python bench/network.py
+	.venv/bin/python bench/snapshots.py

@@ -144,6 +144,7 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.vmdisks import VmDiskService
     from vmkit.services.vmnics import VmNicService
     from vmkit.services.vms import VmService
+    from vmkit.services.vmsave import VmSaveService
     from vmkit.services.volumes import VolumeService
     from vmkit.store.db import SchemaTooNew, Store
 
@@ -222,7 +223,9 @@ async def serve(cfg: DaemonConfig) -> None:
         volumes=volumes,
         networks=networks,
     )
-    volumes.set_users(vms.volume_users, vms.volume_running_users)
+    saves = VmSaveService(store=store, vms=vms, volumes=volumes)
+    # A volume's users: VMs (disks, CD-ROMs), their snapshots, and a `saved` VM its managed save.
+    volumes.set_users(lambda key: vms.volume_users(key) + saves.references(key), vms.volume_running_users)
     networks.set_users(vms.network_users, vms.network_running_users, vms.network_hosts)
     # Networks first: VMs still running from before need their bridges back (after a crash, say).
     await networks.load()
@@ -236,6 +239,7 @@ async def serve(cfg: DaemonConfig) -> None:
     snapshots = SnapshotService(store=store, vms=vms, volumes=volumes)
     vms.snapshot_refs, vms.snapshot_images = snapshots.references, snapshots.owned_images
     await snapshots.recover()
+    await saves.recover()
     clones = CloneService(store=store, vms=vms, volumes=volumes, snapshots=snapshots)
     await clones.recover()
     # dnsmasq was (re)started before the VMs were known: tell it their names now.
@@ -257,6 +261,7 @@ async def serve(cfg: DaemonConfig) -> None:
         networks=networks,
         vmnics=VmNicService(vms=vms, networks=networks),
         snapshots=snapshots,
+        saves=saves,
         clones=clones,
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,

@@ -137,8 +137,16 @@ def test_snapshot_tree_internal_and_external(daemon: Daemon) -> None:
     j(d, "snapshot", "revert", "tree", "s1")
     running_with_agent(d, "tree")
     assert marker(d, "tree") == "A"
-    # Delete the rest, the internal one while running.
-    for name in ("s3", "s1", "s4"):
+    # A snapshot of a paused VM comes back paused.
+    d.cli("vm", "pause", "tree")
+    assert j(d, "snapshot", "create", "tree", "p1")["state"] == "paused"
+    d.cli("vm", "resume", "tree")
+    assert j(d, "snapshot", "revert", "tree", "p1")["state"] == "paused"
+    d.cli("vm", "resume", "tree")
+    running_with_agent(d, "tree")
+    assert marker(d, "tree") == "A"
+    # Delete the rest, the internal ones while running.
+    for name in ("s3", "p1", "s1", "s4"):
         d.cli("snapshot", "delete", "tree", name)
     assert snaps(d, "tree") == {}
     check_images(d, "tree")
@@ -310,3 +318,40 @@ def test_disk_full_is_a_clean_error(daemon: Daemon, tmp_path: Path) -> None:
         d.cli("vm", "stop", "full", "--force")
         d.cli("vm", "delete", "full")
         d.cli("pool", "delete", "tiny")
+
+
+def test_live_deletes_merge_images_into_the_ones_above(daemon: Daemon) -> None:
+    d = daemon
+    boot(d, "lm")
+    running_with_agent(d, "lm")
+    for i in range(3):
+        write_marker(d, "lm", f"M{i}")
+        j(d, "snapshot", "create", "lm", f"s{i + 1}", "--disk-only", "--no-quiesce")
+    write_marker(d, "lm", "M3")
+    # A fresh QEMU opens every image below the top read-only: merging into one needs it reopened read-write.
+    d.cli("vm", "stop", "lm", "--force")
+    d.cli("vm", "start", "lm")
+    running_with_agent(d, "lm")
+    d.cli("snapshot", "delete", "lm", "s2")  # s2's image goes into s3's (read-only, below the top)
+    check_images(d, "lm")
+    d.cli("snapshot", "delete", "lm", "s1")  # the VM's first image into s3's, over the demo image
+    check_images(d, "lm")
+    assert marker(d, "lm") == "M3"
+    assert list(snaps(d, "lm")) == ["s3"] and snaps(d, "lm")["s3"]["parent"] is None
+    j(d, "snapshot", "revert", "lm", "s3")
+    d.cli("vm", "start", "lm")
+    running_with_agent(d, "lm")
+    assert marker(d, "lm") == "M2"
+    d.cli("snapshot", "delete", "lm", "s3")  # into the top, which the guest writes meanwhile
+    write_marker(d, "lm", "M4")
+    check_images(d, "lm")
+    assert snaps(d, "lm") == {} and marker(d, "lm") == "M4"
+    disk = next(x for x in j(d, "vm", "disks", "lm") if x["name"] == "disk0")
+    assert disk["backing"].startswith("images/")  # one overlay on the demo image is all that is left
+    assert len([v for v in j(d, "volume", "list", "default") if v["key"].startswith("default/lm-")]) == 1
+    d.cli("vm", "stop", "lm", "--force")
+    d.cli("vm", "start", "lm")
+    running_with_agent(d, "lm")
+    assert marker(d, "lm") == "M4"
+    d.cli("vm", "stop", "lm", "--force")
+    d.cli("vm", "delete", "lm")

@@ -9,12 +9,17 @@ behaviour is steered by environment variables so tests can drive failure paths r
   FAKE_QEMU_HANG_LATER=1    after the first QMP client leaves, accept clients but never answer (a hung QEMU)
   FAKE_QEMU_UNPLUG_DELAY=S  seconds the "guest" takes to acknowledge a device_del (default 0.05)
   FAKE_QEMU_IGNORE_UNPLUG=1 the "guest" never acknowledges a device_del (no DEVICE_DELETED)
+  FAKE_QEMU_MIGRATE_DELAY=S seconds a migration to or from a file takes (default 0.05)
 
 Storage is modelled enough for hot-plug: fdsets (-add-fd, add-fd with a descriptor passed by SCM_RIGHTS,
 remove-fd, query-fdsets), block nodes (-blockdev, blockdev-add/-del with QEMU's checks for duplicates and
 nodes in use), devices (-device, device_add/device_del on PCIe root ports; DEVICE_DELETED after the delay),
 QOM (qom-list /machine/peripheral, qom-get parent_bus), query-pci, and CD-ROM trays (blockdev-open-tray,
 -remove-medium, -insert-medium, -close-tray, shown in query-block).
+
+Migration to and from a descriptor (a save and a restore: `migrate` / `migrate-incoming` with `fd:NAME` after
+`getfd`, `-incoming defer`, query-migrate, migrate_cancel, MIGRATION events): the "state" written is a small
+record of the fake's own; loading anything else fails, and a failed load ends the process, as with QEMU.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def parse_opts(text: str, implied: str | None = None) -> dict[str, str]:
     return out
 
 
+FAKE_STATE = b"FAKE-QEMU-VM-STATE\n"  # what the fake "saves" (a real QEMU writes its migration stream)
 TRAY_COMMANDS = ("blockdev-open-tray", "blockdev-close-tray", "blockdev-remove-medium", "blockdev-insert-medium")
 
 
@@ -113,6 +119,9 @@ class Fake:
         self.trays: dict[str, dict] = {}  # ide-cd id -> {"open": bool, "node": str | None}
         self.unplugging: set[str] = set()
         self.named_fds: dict[str, int] = {}  # getfd
+        self.migration: dict = {"status": "none"}  # query-migrate
+        if "-incoming" in argv:
+            self.status = "inmigrate"
         self.netdevs: set[str] = set()
         for i, a in enumerate(argv[:-1]):
             if a == "-add-fd":
@@ -221,6 +230,9 @@ class Fake:
         storage = self.storage(cmd, args)
         if storage is not None:
             return storage
+        migration = self.migrate(cmd, args)
+        if migration is not None:
+            return migration
         if cmd == "quit":
             return {}
         raise ValueError(f"The command {cmd} has not been found")
@@ -420,6 +432,70 @@ class Fake:
                 tray["node"] = node
             return {}
         return None
+
+    # ----- migration (save and restore) -----------------------------------------------------------
+    def set_migration(self, status: str, error: str | None = None) -> None:
+        self.migration = {"status": status, **({"error-desc": error} if error else {})}
+        self.event("MIGRATION", {"status": status})
+
+    def migrate(self, cmd: str, args: dict) -> object:
+        """The migration commands; None for any other."""
+        if cmd in ("migrate-set-capabilities", "migrate-set-parameters"):
+            return {}
+        if cmd == "query-migrate":
+            return dict(self.migration)
+        if cmd in ("migrate", "migrate-incoming"):
+            uri = str(args.get("uri", ""))
+            if not uri.startswith("fd:") or uri[3:] not in self.named_fds:
+                raise QmpError(f"File descriptor named '{uri[3:]}' has not been found")
+            if cmd == "migrate-incoming" and self.status != "inmigrate":
+                raise QmpError("The command migrate-incoming does not support state: not in incoming mode")
+            if self.migration["status"] in ("setup", "active"):
+                raise QmpError("There's a migration process in progress")
+            fd = self.named_fds.pop(uri[3:])
+            self.set_migration("setup")
+            work = self.save_to if cmd == "migrate" else self.load_from
+            threading.Thread(target=work, args=(fd,), daemon=True).start()
+            return {}
+        if cmd == "migrate_cancel":
+            if self.migration["status"] in ("setup", "active"):
+                self.set_migration("cancelled")
+            return {}
+        return None
+
+    def save_to(self, fd: int) -> None:
+        self.set_migration("active")
+        time.sleep(float(os.environ.get("FAKE_QEMU_MIGRATE_DELAY", "0.05")))
+        with self.state:
+            if self.migration["status"] != "active":  # cancelled meanwhile
+                os.close(fd)
+                return
+            record = json.dumps({"devices": sorted(self.devices), "status": self.status}).encode()
+            try:
+                data = memoryview(FAKE_STATE + record + b"\n" + bytes(1024 * 1024))
+                while data:  # a full disk first takes a short write, then says ENOSPC
+                    data = data[os.write(fd, data) :]
+            except OSError as e:
+                self.set_migration("failed", f"Unable to write to file: {e.strerror}")
+                return
+            finally:
+                os.close(fd)
+            self.status = "postmigrate"
+            self.set_migration("completed")
+
+    def load_from(self, fd: int) -> None:
+        self.set_migration("active")
+        time.sleep(float(os.environ.get("FAKE_QEMU_MIGRATE_DELAY", "0.05")))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(len(FAKE_STATE) + 4096)
+        if not data.startswith(FAKE_STATE):
+            self.set_migration("failed", "load of migration failed: Invalid argument")
+            sys.stderr.write("qemu-system-x86_64: load of migration failed: Invalid argument\n")
+            sys.stderr.flush()
+            os._exit(1)
+        with self.state:
+            self.status = "paused"
+            self.set_migration("completed")
 
     def pci_devices(self) -> list[dict]:
         out = []

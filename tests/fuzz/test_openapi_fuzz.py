@@ -117,7 +117,7 @@ def _restore_seeded(d: Daemon, names: list[str]) -> None:
             if want == "shut off":
                 d.api.post(f"/v1/vms/{name}/destroy")
                 continue
-            if state in ("shut off", "crashed"):
+            if state in ("shut off", "crashed", "saved"):  # a saved VM's start resumes its managed save
                 state = d.api.post(f"/v1/vms/{name}/start")["state"]
             if (want, state) == ("paused", "running"):
                 d.api.post(f"/v1/vms/{name}/pause")

@@ -301,3 +301,18 @@ def test_a_nic_and_its_tap_must_match() -> None:
         qemu_argv(spec, PATHS, host, dataclasses.replace(fds, nics=fds.nics[:2]))
     with pytest.raises(ValueError, match="needs its tap"):
         qemu_argv(spec, PATHS, host, dataclasses.replace(fds, nics=(None, 41, None)))
+
+
+def test_incoming_waits_for_a_saved_state() -> None:
+    """A restore's QEMU waits for its state (-incoming) and, like every start, for `cont` (-S): no guest code
+    runs before the state is loaded."""
+    spec, host = SPECS["demo"]
+    plain = qemu_argv(spec, PATHS, host, handover(spec))
+    argv = qemu_argv(spec, PATHS, host, handover(spec), incoming="defer")
+    assert argv == [*plain, "-incoming", "defer"] and "-S" in argv
+    assert qemu_argv(spec, PATHS, host, handover(spec), incoming="fd:12")[-2:] == ["-incoming", "fd:12"]
+    for bad in ("tcp:0:4444", "exec:cat /etc/shadow", "fd:", "fd:3,x", "defer\n"):
+        with pytest.raises(ValueError, match="incoming"):
+            qemu_argv(spec, PATHS, host, handover(spec), incoming=bad)
+    with pytest.raises(ValueError, match="not both"):
+        qemu_argv(spec, PATHS, host, handover(spec), incoming="defer", loadvm="s1")

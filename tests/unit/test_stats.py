@@ -93,6 +93,7 @@ vmkit_vms{state="in shutdown"} 0
 vmkit_vms{state="shut off"} 1
 vmkit_vms{state="crashed"} 0
 vmkit_vms{state="pmsuspended"} 0
+vmkit_vms{state="saved"} 0
 # HELP vmkit_stats_interval_seconds Time between two sampling rounds, in seconds.
 # TYPE vmkit_stats_interval_seconds gauge
 vmkit_stats_interval_seconds 2.0

@@ -13,7 +13,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmkit import __version__
-from vmkit.api import clones, consoles, images, metrics, networks, pools, snapshots, system, tokens, ui, vms, volumes
+from vmkit.api import (
+    clones,
+    consoles,
+    images,
+    metrics,
+    networks,
+    pools,
+    snapshots,
+    system,
+    tokens,
+    ui,
+    vms,
+    vmsave,
+    volumes,
+)
 from vmkit.api.deps import STOPPING_MESSAGE, Services
 from vmkit.errors import VmkitError
 
@@ -123,6 +137,7 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(system.router)
     app.include_router(vms.router)
     app.include_router(snapshots.router)
+    app.include_router(vmsave.router)
     app.include_router(clones.router)
     # Before any mount at /ui: its /ui/vendor/ route must be matched first.
     app.include_router(consoles.router)

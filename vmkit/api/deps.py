@@ -24,6 +24,7 @@ from vmkit.services.stats import StatsService
 from vmkit.services.vmdisks import VmDiskService
 from vmkit.services.vmnics import VmNicService
 from vmkit.services.vms import VmService
+from vmkit.services.vmsave import VmSaveService
 from vmkit.services.volumes import VolumeService
 
 
@@ -43,6 +44,7 @@ class Services:
     networks: NetworkService
     vmnics: VmNicService
     snapshots: SnapshotService
+    saves: VmSaveService
     clones: CloneService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one

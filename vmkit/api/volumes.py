@@ -28,6 +28,7 @@ from vmkit.model.storage import (
     split_volume,
 )
 from vmkit.services.operations import Progress
+from vmkit.services.volumes import refuse_save
 
 router = APIRouter(prefix="/v1", tags=["storage"])
 Svc = Annotated[Services, Depends(services)]
@@ -87,21 +88,21 @@ async def delete_volume(pool: PoolName, name: VolName, svc: Svc) -> None:
 @router.post("/pools/{pool}/volumes/{name}/resize", status_code=202)
 async def resize_volume(pool: PoolName, name: VolName, req: ResizeVolume, svc: Svc) -> JSONResponse:
     key = f"{pool}/{name}"
-    svc.volumes.row(key)
+    refuse_save(svc.volumes.row(key), "be resized")
     return _operation(svc, "volume-resize", lambda p: svc.volumes.resize(key, req, p))
 
 
 @router.post("/pools/{pool}/volumes/{name}/convert", status_code=202)
 async def convert_volume(pool: PoolName, name: VolName, req: ConvertVolume, svc: Svc) -> JSONResponse:
     key = f"{pool}/{name}"
-    svc.volumes.row(key)
+    refuse_save(svc.volumes.row(key), "be converted")
     return _operation(svc, "volume-convert", lambda p: svc.volumes.convert(key, req, p))
 
 
 @router.post("/pools/{pool}/volumes/{name}/clone", status_code=202)
 async def clone_volume(pool: PoolName, name: VolName, req: CloneVolume, svc: Svc) -> JSONResponse:
     key = f"{pool}/{name}"
-    svc.volumes.row(key)
+    refuse_save(svc.volumes.row(key), "be cloned")
     svc.volumes.check_free(*split_volume(req.target))
     return _operation(svc, "volume-clone", lambda p: svc.volumes.clone(key, req, p))
 

@@ -358,6 +358,12 @@ def vm_shutdown(c: Client, a: argparse.Namespace) -> int:
 
 
 def vm_stop(c: Client, a: argparse.Namespace) -> int:
+    if a.save and a.force:
+        raise CliError("--save keeps the VM's state, --force discards it: choose one")
+    if a.save:
+        # A managed save (virsh managedsave): the next `vm start` resumes where it stopped.
+        vm = c.post(_vm_url(a.name, "managed-save"))
+        return emit(a, vm, f"VM {a.name} is {vm['state']}: the next start resumes it")
     if a.force:
         vm = c.post(_vm_url(a.name, "destroy"))
     else:
@@ -621,7 +627,8 @@ class _Skipped:
 VERBS = {
     "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "ifaddr", "attach-nic", "detach-nic",
            "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown", "stop", "delete",
-           "autostart", "wait", "log", "console", "exec", "clone"},
+           "autostart", "wait", "log", "console", "exec", "clone", "save", "restore", "saves",
+           "managedsave-remove"},
     "image": {"list", "demo"},
     "pool": {"list", "info", "create", "refresh", "delete"},
     "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases", "forward"},
@@ -765,6 +772,7 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp = add(vm, "stop", vm_stop, "stop a VM: clean ACPI shutdown, or hard stop with --force")
     sp.add_argument("name")
     sp.add_argument("--force", action="store_true", help="hard stop at once (pull the plug)")
+    sp.add_argument("--save", action="store_true", help="keep its RAM state (managed save): the next start resumes")
     sp.add_argument("--timeout", type=float, default=60.0, metavar="S")
     sp = add(vm, "delete", vm_delete, "delete a stopped VM and its disks")
     sp.add_argument("name")
@@ -785,6 +793,9 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp.add_argument("--timeout", type=float, default=60.0, metavar="S")
     sp.add_argument("--stdin", action="store_true", help="send standard input to the command")
     sp.add_argument("command", nargs="*", metavar="-- CMD [ARGS...]")
+    from vmkit.cli import vmsave
+
+    vmsave.add_parsers(vm, add)
 
     image = nouns.add_parser("image", help="images VMs boot from").add_subparsers(dest="verb", required=True)
     add(image, "list", image_list, "list images")

@@ -17,8 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from vmkit.model.names import ABS_PATH_PATTERN, NAME_PATTERN, check_abs_path, check_name
 
 # What a volume holds. "iso" is a read-only install medium (QEMU reads it as raw); kernels and initrds
-# of images are "raw" files like any other.
-VolumeFormat = Literal["raw", "qcow2", "iso"]
+# of images are "raw" files like any other. "save" is a VM's saved RAM and device state (vmkit vm save,
+# storage/savefile.py): only a restore reads it, never a disk or a CD-ROM drive.
+VolumeFormat = Literal["raw", "qcow2", "iso", "save"]
 DiskFormat = Literal["raw", "qcow2"]
 # qemu-img's preallocation modes. off/metadata allocate data on first write (thin); falloc/full reserve
 # every byte now (thick). raw + metadata does not exist.

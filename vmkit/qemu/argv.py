@@ -1,7 +1,8 @@
 """Pure builder of QEMU's command line. This module must not have side effects.
 
 Invariants the rest of vmkit relies on:
-- `-S`: QEMU starts paused, so the daemon attaches QMP before any guest code runs, then sends `cont`.
+- `-S`: QEMU starts paused, so the daemon attaches QMP before any guest code runs, then sends `cont`. With
+  `-incoming` (a restore) it sends `cont` only once the saved state is loaded, and only if it was running.
 - `-no-shutdown`: a guest power-off stops QEMU instead of ending it; the daemon sees the SHUTDOWN event,
   records why, then quits QEMU. If the daemon is down at that moment QEMU waits, and the daemon finds it in
   state `shutdown` when it re-attaches, so a clean power-off is never mistaken for a crash.
@@ -20,6 +21,7 @@ Invariants the rest of vmkit relies on:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,12 +254,24 @@ class HostConfig:
 
 
 def qemu_argv(
-    spec: VmSpec, paths: RuntimePaths, host: HostConfig, fds: HandOver, *, loadvm: str | None = None
+    spec: VmSpec,
+    paths: RuntimePaths,
+    host: HostConfig,
+    fds: HandOver,
+    *,
+    loadvm: str | None = None,
+    incoming: str | None = None,
 ) -> list[str]:
     """Return the full argv that runs `spec` with the descriptors in `fds`. The QMP socket is already
     listening, so the daemon can connect the instant QEMU is spawned, without polling for it.
 
-    loadvm: start from internal snapshot `loadvm` (its disks and RAM; QEMU still waits for `cont`)."""
+    loadvm: start from internal snapshot `loadvm` (its disks and RAM; QEMU still waits for `cont`).
+    incoming: wait for a VM state to load instead of booting (`-incoming`): "defer" (the daemon then names a
+    descriptor with migrate-incoming, see qemu/savevm.py) or "fd:N" (an inherited descriptor)."""
+    if incoming is not None and not _INCOMING_RE.fullmatch(incoming):
+        raise ValueError(f"incoming must be 'defer' or 'fd:N', not {incoming!r}")
+    if incoming is not None and loadvm is not None:
+        raise ValueError("a VM starts from a snapshot (loadvm) or from an incoming state, not both")
     if len(fds.disks) != len(spec.disks):
         raise ValueError("one DiskFds per disk")
     if len(fds.cdroms) != len(spec.cdroms):
@@ -351,8 +365,13 @@ def qemu_argv(
         argv += ["-netdev", netdev, "-device", device_opts(nic_device(nic, port_id(nic.name)))]
     if loadvm is not None:
         argv += ["-loadvm", opt(loadvm)]
+    if incoming is not None:
+        argv += ["-incoming", incoming]
     # -add-fd comes first so every /dev/fdset/N above exists when QEMU opens it.
     return [argv[0], *fdsets, *argv[1:]]
+
+
+_INCOMING_RE = re.compile(r"defer|fd:[0-9]+")
 
 
 def _ahci_port(name: str) -> int:

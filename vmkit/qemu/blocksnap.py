@@ -18,11 +18,12 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vmkit.qemu.argv import device_id, overlay_blockdevs
 from vmkit.qemu.hotplug import _delete_nodes, _undo
-from vmkit.qemu.monitor import Monitor
+from vmkit.qemu.monitor import JobFailed, Monitor
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Node:
     path: str  # the real file it reads
     fdset: int | None  # the fdset its file node opened
     read_only: bool
+    pid: int  # the QEMU's
 
 
 async def nodes(mon: Monitor, pid: int) -> list[Node]:
@@ -57,7 +59,7 @@ async def nodes(mon: Monitor, pid: int) -> list[Node]:
             with contextlib.suppress(OSError):
                 path = os.readlink(f"/proc/{pid}/fd/{int(f['fd'])}").removesuffix(" (deleted)")
                 break
-        out.append(Node(str(n["node-name"]), path, fdset, bool(n.get("ro"))))
+        out.append(Node(str(n["node-name"]), path, fdset, bool(n.get("ro")), pid))
     return out
 
 
@@ -66,18 +68,29 @@ def node_of(all_nodes: Iterable[Node], path: str | os.PathLike[str]) -> Node | N
     return next((n for n in all_nodes if n.path == real), None)
 
 
-async def top_node(mon: Monitor, disk: str) -> str:
-    """The node disk's device writes to now (its name, or its newest snapshot overlay)."""
-    dev = device_id(disk)
+async def top_nodes(mon: Monitor, disks: Iterable[str]) -> dict[str, str]:
+    """The node each disk's device writes to now (its name, or its newest snapshot overlay)."""
+    want = {device_id(d): d for d in disks}
+    out = {}
     for b in await mon.query_block():
         # A virtio disk's backend is a child of its device: /machine/peripheral/disk0-dev/virtio-backend.
         qdev = str(b.get("qdev", ""))
-        if (qdev == dev or qdev.startswith(f"/machine/peripheral/{dev}/")) and b.get("inserted"):
-            return str(b["inserted"]["node-name"])
-    raise LookupError(f"QEMU has no disk {disk}")
+        dev = qdev.split("/")[3] if qdev.startswith("/machine/peripheral/") else qdev
+        if dev in want and b.get("inserted"):
+            out[want[dev]] = str(b["inserted"]["node-name"])
+    missing = [d for d in want.values() if d not in out]
+    if missing:
+        raise LookupError(f"QEMU has no disk {', '.join(missing)}")
+    return out
+
+
+async def top_node(mon: Monitor, disk: str) -> str:
+    return (await top_nodes(mon, [disk]))[disk]
 
 
 def _next_overlay(disk: str, names: Iterable[str]) -> str:
+    """The name of a disk's next overlay: one more than the newest, which is its top (an older one that was
+    merged away or dropped left no node behind)."""
     gens = [int(m.group(1)) for n in names if (m := re.fullmatch(re.escape(disk) + r"-o(\d+)", n))]
     return f"{disk}-o{max(gens, default=0) + 1}"
 
@@ -94,50 +107,73 @@ async def delete_internal(mon: Monitor, tag: str, tops: Sequence[str], *, job_id
     await mon.run_job("snapshot-delete", args, timeout_s=SNAPSHOT_JOB_TIMEOUT_S)
 
 
-async def delete_internal_below(mon: Monitor, node: Node, backing: str | None, tag: str, *, job_id: str) -> None:
-    """Delete internal snapshot `tag` of an image QEMU reads as a backing file (read-only): it gets a read-write
-    descriptor of its file, is reopened read-write for the deletion and read-only again after. `backing` is
-    its backing node's name (reopening must name it)."""
+async def reopen(mon: Monitor, node: Node, backing: str | None, *, read_only: bool) -> None:
+    """Reopen a qcow2 node (and its file node) read-write or read-only again. QEMU's jobs never make writable a
+    node that was opened read-only (the images below a disk at start): it takes an explicit blockdev-reopen,
+    which must name the node's backing node.
+
+    QEMU reopens the file through its fdset, picking a descriptor of the new access mode: one is added first.
+    The descriptors of the old mode are removed after: image locks belong to the open file, and one kept open
+    in the fdset would keep the locks QEMU took through it, refusing the permissions the node needs next."""
     if node.fdset is None:
         raise LookupError(f"node {node.name} reads no fdset")
-    await _add_rw_fd(mon, node)
+    want = os.O_RDONLY if read_only else os.O_RDWR
+    held = await _fdset_modes(mon, node)
+    if want not in held.values():
+        fd = os.open(node.path, want | os.O_CLOEXEC)
+        try:
+            await mon.add_fd(fd, opaque=node.name, fdset_id=node.fdset)
+        finally:
+            os.close(fd)
+    file = {"driver": "file", "node-name": f"{node.name}-file", "filename": f"/dev/fdset/{node.fdset}",
+            "read-only": read_only, "cache": {"direct": False}}  # fmt: skip
+    fmt = {"driver": "qcow2", "node-name": node.name, "file": f"{node.name}-file", "read-only": read_only,
+           "backing": backing}  # fmt: skip
+    # A file node goes read-write before its format node, and read-only after it.
+    await mon.execute("blockdev-reopen", {"options": [fmt, file] if read_only else [file, fmt]})
+    for fd, mode in held.items():
+        if mode != want:
+            await mon.execute("remove-fd", {"fdset-id": node.fdset, "fd": fd})
 
-    def opts(read_only: bool) -> list[dict[str, Any]]:
-        return [
-            {"driver": "file", "node-name": f"{node.name}-file", "filename": f"/dev/fdset/{node.fdset}",
-             "read-only": read_only, "cache": {"direct": False}},
-            {"driver": "qcow2", "node-name": node.name, "file": f"{node.name}-file", "read-only": read_only,
-             "backing": backing},
-        ]  # fmt: skip
 
-    await mon.execute("blockdev-reopen", {"options": opts(False)})
+async def _fdset_modes(mon: Monitor, node: Node) -> dict[int, int]:
+    """QEMU's descriptors in node's fdset and their access modes (O_RDONLY, O_RDWR), from /proc."""
+    out = {}
+    for s in await mon.query_fdsets():
+        if int(s["fdset-id"]) != node.fdset:
+            continue
+        for f in s.get("fds") or []:
+            fd = int(f["fd"])
+            with contextlib.suppress(OSError, ValueError):
+                info = Path(f"/proc/{node.pid}/fdinfo/{fd}").read_text()
+                flags = next(line.split()[1] for line in info.splitlines() if line.startswith("flags:"))
+                out[fd] = int(flags, 8) & os.O_ACCMODE
+    return out
+
+
+async def delete_internal_below(mon: Monitor, node: Node, backing: str | None, tag: str, *, job_id: str) -> None:
+    """Delete internal snapshot `tag` of an image QEMU reads as a backing file (read-only): reopened read-write
+    for the deletion and read-only again after. `backing` is its backing node's name."""
+    await reopen(mon, node, backing, read_only=False)
     try:
         await delete_internal(mon, tag, [node.name], job_id=job_id)
     finally:
-        await mon.execute("blockdev-reopen", {"options": opts(True)[::-1]})
-
-
-async def _add_rw_fd(mon: Monitor, node: Node) -> None:
-    """A read-write descriptor of node's image into its fdset, for QEMU to reopen it read-write with."""
-    fd = os.open(node.path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        await mon.add_fd(fd, opaque=node.name, fdset_id=node.fdset)
-    finally:
-        os.close(fd)
+        await reopen(mon, node, backing, read_only=True)
 
 
 async def take_external(mon: Monitor, overlays: Sequence[tuple[str, int]]) -> list[str]:
     """Put a new overlay on each disk, all in one transaction: (disk, read-write descriptor of its new, empty
     qcow2 whose header names the disk's current image as backing). Returns the new top nodes. On any failure
     QEMU is left as it was (the nodes and fdsets added are removed)."""
-    names = [n["node-name"] for n in await mon.query_named_block_nodes()]
+    # Two queries whatever the number of disks: the answers grow with every image of every chain.
+    tops = await top_nodes(mon, [disk for disk, _ in overlays])
     fdsets: list[int] = []
     added: list[str] = []
     actions: list[dict[str, Any]] = []
     try:
         for disk, fd in overlays:
-            top = await top_node(mon, disk)
-            node = _next_overlay(disk, names)
+            top = tops[disk]
+            node = _next_overlay(disk, [top])
             fdsets.append(await mon.add_fd(fd, opaque=node))
             for args in overlay_blockdevs(node, f"/dev/fdset/{fdsets[-1]}"):
                 await mon.blockdev_add(args)
@@ -150,20 +186,29 @@ async def take_external(mon: Monitor, overlays: Sequence[tuple[str, int]]) -> li
     return [a["data"]["overlay"] for a in actions]
 
 
-async def stream(mon: Monitor, pid: int, child: str, base: str | None, base_path: str | None, *, job_id: str) -> None:
-    """Merge the image(s) between node `child` and node `base` (None: the whole chain) into `child`, which then
-    reads `base` directly; its header names base_path (the real file, never /dev/fdset/N). A read-only child
-    (an image below the top) gets a read-write descriptor of its own file first, which QEMU reopens it with."""
+async def stream(
+    mon: Monitor, pid: int, child: str, below: str, base: str | None, base_path: str | None, *, job_id: str
+) -> None:
+    """Merge node `below` (and whatever lies between it and `base`; base None: the whole chain) into node
+    `child`, which then reads `base` directly; its header names base_path (the real file, never /dev/fdset/N).
+    A read-only child (an image below the top) is reopened read-write for it, and read-only again after."""
     child_node = next((n for n in await nodes(mon, pid) if n.name == child), None)
     if child_node is None:
         raise LookupError(f"QEMU has no node {child}")
-    if child_node.read_only and child_node.fdset is not None:
-        await _add_rw_fd(mon, child_node)
     args: dict[str, object] = {"job-id": job_id, "device": child}
     if base is not None:
         # QEMU writes the base node's driver as the backing format, and this name as its file.
         args |= {"base-node": base, "backing-file": base_path}
-    await mon.run_job("block-stream", args, timeout_s=STREAM_TIMEOUT_S)
+    if not child_node.read_only:
+        await mon.run_job("block-stream", args, timeout_s=STREAM_TIMEOUT_S)
+        return
+    await reopen(mon, child_node, below, read_only=False)
+    try:
+        await mon.run_job("block-stream", args, timeout_s=STREAM_TIMEOUT_S)
+    except JobFailed:
+        await reopen(mon, child_node, below, read_only=True)  # it still stands on `below`
+        raise
+    await reopen(mon, child_node, base, read_only=True)
 
 
 async def commit_back(mon: Monitor, disk: str, base: str, *, job_id: str) -> None:

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from vmkit.errors import Conflict, InvalidInput, NoSpace, NotFound, VmkitError
@@ -33,7 +34,6 @@ from vmkit.model.snapshot import CreateSnapshot, SnapshotInfo, SnapshotRecord
 from vmkit.model.storage import DEFAULT_POOL, split_volume
 from vmkit.model.vm import DiskSpec, VmInfo, VmSpec, VmState
 from vmkit.qemu import blocksnap
-from vmkit.qemu.agent import Agent
 from vmkit.qemu.monitor import JobFailed, Monitor
 from vmkit.services.vms import VmRuntime, VmService, _qmp
 from vmkit.services.volumes import VolumeService
@@ -111,12 +111,16 @@ class SnapshotService:
             raise Conflict(f"VM {vm.spec.name!r} is {vm.state}; snapshots need it running, paused or shut off")
         return vm.monitor, vm.proc.pid
 
-    def check_free(self, vm: VmRuntime) -> None:
-        if self._store.journal(vm.spec.name) is not None:
-            raise Conflict(f"VM {vm.spec.name!r} has unfinished snapshot work; restart the daemon to finish it")
+    def check_free(self, vm: VmRuntime, *, resume: tuple[str, str] | None = None) -> dict[str, Any] | None:
+        """Refuse work on a VM with unfinished work (journaled) or busy volumes. resume (op, snapshot): the same
+        work, left unfinished by a failure, is picked up again instead; its journal entry is returned."""
+        j = self._store.journal(vm.spec.name)
+        if j is not None and (resume is None or (j.get("op"), j.get("snapshot")) != resume):
+            raise Conflict(f"VM {vm.spec.name!r} has unfinished work ({j.get('op')}); restart the daemon to finish it")
         busy = [d.volume for d in vm.spec.disks if d.volume and self._volumes.busy(d.volume)]
         if busy:
             raise Conflict(f"volume(s) {', '.join(busy)} are busy (an operation on them is running)")
+        return j
 
     def _full_pools(self, disks: list[DiskSpec]) -> list[str]:
         """The pools of these disks whose filesystem is (nearly) full: what QEMU's vague errors then mean."""
@@ -253,39 +257,33 @@ class SnapshotService:
                 stack.callback(os.close, fd)
                 os.fchown(fd, uid, uid)  # the VM's own image from now on, like any disk it writes
                 fds.append((disk, fd))
-            frozen = await self._freeze(vm) if quiesce else False
-            try:
+            async with self._quiesced(vm, quiesce) as frozen:
                 await _qmp(blocksnap.take_external(mon, fds))
-            finally:
-                if frozen:
-                    await self._thaw(vm)
         return frozen
 
-    async def _freeze(self, vm: VmRuntime) -> bool:
-        if not vm.agent or vm.state is not VmState.RUNNING:
-            return False
-        try:
-            async with vm.agent_lock:
-                agent = await Agent.connect(vm.paths.qga_sock, timeout_s=2)
+    @contextlib.asynccontextmanager
+    async def _quiesced(self, vm: VmRuntime, wanted: bool) -> AsyncIterator[bool]:
+        """The guest's filesystems frozen for the block (through its agent, in one session), when wanted and the
+        agent answers; yields whether they are. A guest whose agent cannot freeze gets its snapshot unfrozen."""
+        if not wanted or not vm.agent or vm.state is not VmState.RUNNING:
+            yield False
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                agent = await stack.enter_async_context(self._vms.agent_session(vm))
+                await agent.execute("guest-fsfreeze-freeze")
+            except VmkitError as e:
+                log.warning("VM %s: filesystems not frozen for the snapshot: %s", vm.spec.name, e.message)
+                await stack.aclose()
+                yield False
+                return
+            try:
+                yield True
+            finally:
                 try:
-                    await agent.execute("guest-fsfreeze-freeze", timeout_s=10)
-                finally:
-                    await agent.close()
-        except VmkitError as e:
-            log.warning("VM %s: filesystems not frozen for the snapshot: %s", vm.spec.name, e.message)
-            return False
-        return True
-
-    async def _thaw(self, vm: VmRuntime) -> None:
-        try:
-            async with vm.agent_lock:
-                agent = await Agent.connect(vm.paths.qga_sock, timeout_s=2)
-                try:
-                    await agent.execute("guest-fsfreeze-thaw", timeout_s=10)
-                finally:
-                    await agent.close()
-        except VmkitError as e:
-            log.error("VM %s: thawing its filesystems failed: %s", vm.spec.name, e.message)
+                    await agent.execute("guest-fsfreeze-thaw")
+                except VmkitError as e:
+                    log.error("VM %s: thawing its filesystems failed: %s", vm.spec.name, e.message)
 
     # ----- revert --------------------------------------------------------------------------------
     async def revert(self, vm_name: str, name: str) -> VmInfo:
@@ -293,7 +291,7 @@ class SnapshotService:
         vm = self._vms.runtime(vm_name)
         async with vm.lock:
             rec = self._record(vm_name, name)
-            self.check_free(vm)
+            unfinished = self.check_free(vm, resume=("revert", name))
             if vm.state is VmState.SAVED:
                 # Its managed save holds a guest that has the current disks in its caches: changing them under it
                 # would corrupt them when it resumes.
@@ -303,7 +301,7 @@ class SnapshotService:
                 )
             for key in [d.volume for d in rec.spec.disks if d.volume] + [c.volume for c in rec.spec.cdroms if c.volume]:
                 self._volumes.row(key)  # 404 now, not half-way: a volume it needs is gone
-            plan = self._revert_plan(vm, rec)
+            plan = unfinished or self._revert_plan(vm, rec)  # a revert that failed half-way goes on as planned
             self._commit(vm, journal=plan)
             await self._vms.halt(vm)
             crashpoint("snapshot-revert")
@@ -381,10 +379,16 @@ class SnapshotService:
         vm = self._vms.runtime(vm_name)
         async with vm.lock:
             rec = self._record(vm_name, name)
-            self.check_free(vm)
+            self.check_free(vm, resume=("delete", name))
             live = self.live(vm)
             self._commit(vm, journal={"op": "delete", "snapshot": name})
-            await self._run_delete(vm, rec, live)
+            try:
+                await self._run_delete(vm, rec, live)
+            except Exception:
+                # Each merge done leaves a whole chain: the snapshot is still there, and deleting it again
+                # goes on from where this stopped.
+                self._commit(vm, journal=None)
+                raise
 
     async def _run_delete(self, vm: VmRuntime, rec: SnapshotRecord, live: tuple[Monitor, int] | None) -> None:
         """Carry out a delete; every step can run again (recover() re-runs it after a crash). The snapshot's
@@ -428,14 +432,13 @@ class SnapshotService:
             node = blocksnap.node_of(nodes, self._path(child))
             if node is not None:
                 base = blocksnap.node_of(nodes, self._path(parent)) if parent else None
-                if parent is not None and base is None:
-                    raise Conflict(
-                        f"QEMU does not have {parent} open under {child}; stop the VM to delete this snapshot"
-                    )
+                below = blocksnap.node_of(nodes, self._path(image))
+                if below is None or (parent is not None and base is None):
+                    raise Conflict(f"QEMU does not read {child}'s chain as recorded; stop the VM to delete it")
                 job = _job_id("merge", child)
                 if not await _qmp(mon.await_job(job, timeout_s=blocksnap.STREAM_TIMEOUT_S)):
                     await _qmp(
-                        blocksnap.stream(mon, pid, node.name, base.name if base else None,
+                        blocksnap.stream(mon, pid, node.name, below.name, base.name if base else None,
                                          self._path(parent) if parent else None, job_id=job)
                     )  # fmt: skip
                 self._volumes.set_backing(child, parent)
@@ -574,8 +577,9 @@ class SnapshotService:
 
 
 def _job_id(what: str, name: str) -> str:
-    """A QEMU job id (a letter first; names may start with a digit)."""
-    return f"vmkit-{what}-{name}"
+    """A QEMU job id: letters, digits, '-', '.' and '_', a letter first (names may start with a digit, and a
+    volume's POOL/NAME has a slash)."""
+    return f"vmkit-{what}-{name.replace('/', '.')}"
 
 
 def _repoint(d: DiskSpec, key: str | None, volumes: VolumeService, *, owned: bool = True) -> DiskSpec:

@@ -79,6 +79,7 @@ LIBVIRT_STATE = {
     VmState.SHUTOFF: 5,
     VmState.CRASHED: 6,
     VmState.PMSUSPENDED: 7,
+    VmState.SAVED: 5,  # libvirt: shut off, reason "saved"
 }
 
 

@@ -32,7 +32,7 @@ from vmkit.model.storage import DEFAULT_POOL, CloneVolume, CreateVolume, provisi
 from vmkit.model.vm import CdromSpec, CreateVm, DiskSpec, NicSpec, SetVm, VmInfo, VmSpec, VmState
 from vmkit.net import links
 from vmkit.qemu import monitor as qmp
-from vmkit.qemu import process
+from vmkit.qemu import process, savevm
 from vmkit.qemu.agent import Agent, ExecResult
 from vmkit.qemu.argv import HostConfig, RuntimePaths, qemu_argv
 from vmkit.qemu.handover import open_handover
@@ -42,6 +42,7 @@ from vmkit.services.networks import NetworkService, tap_name
 from vmkit.services.reverter import Reverter
 from vmkit.services.volumes import VolumeService
 from vmkit.store.db import Store
+from vmkit.util.crash import crashpoint
 from vmkit.util.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,10 @@ class VmService:
         self.snapshot_images: Callable[[str], list[str]] = lambda vm: []
         # Set by services/vmdisks.py: a device the guest let go of (a disk unplug it acknowledged late).
         self.device_deleted: Callable[[VmRuntime, str], Coroutine[Any, Any, None]] | None = None
+        # Set by services/vmsave.py: start a `saved` VM from its managed save (called with the VM's lock held),
+        # and the save volumes that go with a VM when it is deleted.
+        self.resume_saved: Callable[[VmRuntime], Coroutine[Any, Any, None]] | None = None
+        self.saved_images: Callable[[VmRuntime], list[str]] = lambda vm: []
         self._create_lock = asyncio.Lock()
         self._background = TaskSet()
         self._vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -246,6 +251,11 @@ class VmService:
         self._bus.publish("vm-state", vm=vm.spec.name, state=str(state), reason=reason)
         vm.changed.set()
         vm.changed = asyncio.Event()
+
+    def set_state(self, vm: VmRuntime, state: VmState, reason: str | None = None) -> None:
+        """Record a state another service brought the VM to (services/vmsave.py: saved, restored); the caller
+        holds the VM's lock."""
+        self._set_state(vm, state, reason)
 
     async def _wait_state(self, vm: VmRuntime, ok: Callable[[VmState], bool], timeout_s: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -604,6 +614,8 @@ class VmService:
         row = self._volumes.row(key)
         if row.format == "iso":
             raise InvalidInput(f"{key} is an ISO image: give it as --iso (a CD-ROM), not as a disk")
+        if row.format == "save":
+            raise InvalidInput(f"{key} is a saved VM state (vmkit vm restore {key}), not a disk")
         users = [u for u in self.volume_users(key) if u != vm_name]
         if users and not readonly:
             raise Conflict(f"volume {key} is already used by VM(s) {', '.join(users)}")
@@ -746,12 +758,7 @@ class VmService:
         if source == "agent":
             if vm.state is not VmState.RUNNING or not vm.agent:
                 raise Conflict(f"the guest agent of {name!r} is not connected")
-            async with vm.agent_lock:
-                agent = await Agent.connect(vm.paths.qga_sock)
-                try:
-                    ifaces = await agent.execute("guest-network-get-interfaces")
-                finally:
-                    await agent.close()
+            ifaces = await self.agent_execute(vm, "guest-network-get-interfaces")
             out = []
             for iface in ifaces:
                 for a in iface.get("ip-addresses") or []:
@@ -806,8 +813,14 @@ class VmService:
                 if d.owned:
                     with contextlib.suppress(OSError):
                         os.chown(d.path, 0, 0)  # its identity may go to another VM later
+            saves = self.saved_images(vm)  # its managed save: useless without the VM, whatever keep_disks says
             self._store.delete_vm(name)
             del self._vms[name]
+            for key in saves:
+                try:
+                    await self._volumes.delete(key)
+                except VmkitError as e:
+                    log.warning("VM %s deleted, but not its saved state %s: %s", name, key, e.message)
             if not keep_disks:
                 # Overlays before the images below them.
                 for key in sorted(owned, key=lambda k: -self._volumes.depth(k, owned)):
@@ -892,17 +905,22 @@ class VmService:
                 raise Conflict(f"VM {name!r} is already {vm.state}")
             if vm.proc is not None and process.alive(vm.proc):
                 raise Conflict(f"QEMU of {name!r} (pid {vm.proc.pid}) is still there; `vm stop --force` it first")
+            if vm.state is VmState.SAVED and self.resume_saved is not None:
+                await self.resume_saved(vm)  # where its managed save left it (then that save is deleted)
+                return vm.info()
             await self.boot(vm)
             return vm.info()
 
-    async def boot(self, vm: VmRuntime, *, loadvm: str | None = None) -> None:
-        """Start QEMU for vm, whose lock the caller holds (start; a snapshot's revert with loadvm, its tag)."""
+    async def boot(self, vm: VmRuntime, *, loadvm: str | None = None, incoming_fd: int | None = None) -> None:
+        """Start QEMU for vm, whose lock the caller holds (start; a snapshot's revert with loadvm, its tag; a
+        restore with incoming_fd, a descriptor of a save file positioned at its state, which QEMU loads before
+        any guest code runs: the VM is left paused, and the caller decides whether to `cont`)."""
         for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
             if path and not os.path.isfile(path):
                 raise Conflict(f"cannot start {vm.spec.name!r}: its {label} {path} is missing")
         vm.launching = True
         try:
-            await self._launch(vm, loadvm=loadvm)
+            await self._launch(vm, loadvm=loadvm, incoming_fd=incoming_fd)
         finally:
             vm.launching = False
         if vm.pidfd is None and vm.proc is not None:
@@ -914,7 +932,7 @@ class VmService:
         if vm.proc is not None and process.alive(vm.proc):
             await self._quit(vm)
 
-    async def _launch(self, vm: VmRuntime, *, loadvm: str | None = None) -> None:
+    async def _launch(self, vm: VmRuntime, *, loadvm: str | None = None, incoming_fd: int | None = None) -> None:
         paths = vm.paths
         longest = max(len(str(p)) for p in (paths.qmp_sock, paths.serial_sock, paths.qga_sock))
         if longest > MAX_SOCKET_PATH:
@@ -945,7 +963,8 @@ class VmService:
                 fds = stack.enter_context(
                     open_handover(vm.spec, paths, ident.uid, ident.gid, format_of=self._volumes.format_of, taps=taps)
                 )
-                argv = qemu_argv(vm.spec, paths, self._host, fds, loadvm=loadvm)
+                incoming = None if incoming_fd is None else "defer"
+                argv = qemu_argv(vm.spec, paths, self._host, fds, loadvm=loadvm, incoming=incoming)
                 vm.proc, vm.popen = process.spawn(
                     argv,
                     paths,
@@ -966,7 +985,14 @@ class VmService:
             # QEMU that dies meanwhile resets the connection at once, so a longer wait only waits for a slow one.
             await self._attach(vm, timeout_s=START_QMP_TIMEOUT_S)
             await limits.apply_disks(vm.monitor, vm.spec, only_limited=True)  # type: ignore[arg-type]
-            await vm.monitor.cont()  # type: ignore[union-attr]
+            if incoming_fd is None:
+                await vm.monitor.cont()  # type: ignore[union-attr]
+            else:
+                # No `cont` before the state is loaded: the guest would run from nothing (QEMU would only note
+                # it for later, but a paused save must stay paused). QEMU is paused once this returns.
+                timeout_s = savevm.timeout_for(vm.spec.memory_mib)
+                crashpoint("restore-spawned")
+                await savevm.load_state(vm.monitor, incoming_fd, timeout_s=timeout_s)  # type: ignore[arg-type]
         except Exception as e:
             # Stop watching first: this failure is reported as "failed", not as a crash.
             self._unwatch(vm)
@@ -983,7 +1009,12 @@ class VmService:
             shutil.rmtree(paths.run_dir, ignore_errors=True)
             await self._drop_cgroup(vm)
             self._set_state(vm, VmState.SHUTOFF, "failed")
+            if incoming_fd is not None:  # QEMU could not load a saved state (502: QEMU failed, not vmkit)
+                raise QmpFailed(f"QEMU could not load the saved state of {vm.spec.name!r}: {detail}") from e
             raise VmkitError(f"QEMU failed to start {vm.spec.name!r}: {detail}") from e
+        if incoming_fd is not None:
+            self._set_state(vm, VmState.PAUSED, "restored")
+            return
         # RESUME may already have set it; setting again is a no-op.
         self._set_state(vm, VmState.RUNNING, "booted" if loadvm is None else "reverted")
 
@@ -1080,6 +1111,22 @@ class VmService:
                 return await agent.exec(argv, input_data=input_data, timeout_s=timeout_s)
             finally:
                 await agent.close()
+
+    @contextlib.asynccontextmanager
+    async def agent_session(self, vm: VmRuntime) -> AsyncIterator[Agent]:
+        """A connection to the VM's guest agent, its only client meanwhile. One session for commands that belong
+        together (freeze … thaw): qemu-ga takes up to ~0.1 s to accept a client right after one has left."""
+        async with vm.agent_lock:
+            agent = await Agent.connect(vm.paths.qga_sock)
+            try:
+                yield agent
+            finally:
+                await agent.close()
+
+    async def agent_execute(self, vm: VmRuntime, cmd: str, *, timeout_s: float = 10.0) -> Any:
+        """One command to the VM's guest agent; AgentError if it fails."""
+        async with self.agent_session(vm) as agent:
+            return await agent.execute(cmd, timeout_s=timeout_s)
 
     def serial_log(self, name: str) -> bytes:
         vm = self._get(name)

@@ -302,7 +302,7 @@ class VolumeService:
         base = self.row(backing_key)
         if base.format == "iso":
             raise InvalidInput(f"{backing_key} is an ISO image; it cannot back a disk")
-        _refuse_save(base, "back a disk")
+        refuse_save(base, "back a disk")
         base_path = self._path_of(base)
         base_size = virtual_size(base_path, base.format)
         if size_bytes is not None and size_bytes < base_size:
@@ -326,7 +326,7 @@ class VolumeService:
         frozen: the caller made sure no guest writes the source any more (a snapshot of a running VM froze it)."""
         pool, name = self._split(req.target)
         src = self.row(src_key)
-        _refuse_save(src, "be cloned")
+        refuse_save(src, "be cloned")
         if req.linked:
             return await self.create_overlay(pool, name, src_key)
         async with self._lock(src_key):
@@ -518,7 +518,7 @@ class VolumeService:
         row = self.row(key)
         if row.format == "iso":
             raise InvalidInput(f"{key} is an ISO image; it cannot be resized")
-        _refuse_save(row, "be resized")
+        refuse_save(row, "be resized")
         async with self._lock(key):
             self._refuse_if_running(key, "resize")
             path = self._path_of(row)
@@ -542,7 +542,7 @@ class VolumeService:
         row = self.row(key)
         if row.format == "iso":
             raise InvalidInput(f"{key} is an ISO image; it cannot be converted")
-        _refuse_save(row, "be converted")
+        refuse_save(row, "be converted")
         if req.format == "raw" and req.prealloc == "metadata":
             raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
         async with self._lock(key):
@@ -595,8 +595,9 @@ class VolumeService:
             self._store.delete_volume(row.pool, row.name)
 
 
-def _refuse_save(row: VolumeRow, what: str) -> None:
-    """A saved VM state is only ever read back by a restore: no disk may use it, no tool rewrite it."""
+def refuse_save(row: VolumeRow, what: str) -> None:
+    """A saved VM state is only ever read back by a restore: no disk may use it, no tool rewrite it (the routes
+    call this too, so that the refusal is a 400 at once rather than a failed operation)."""
     if row.format == "save":
         raise InvalidInput(f"{row.key} is a saved VM state (vmkit vm restore {row.key}); it cannot {what}")
 

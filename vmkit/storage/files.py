@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vmkit.errors import NoSpace, VmkitError
 from vmkit.model.names import check_name
+from vmkit.storage.savefile import MAGIC as SAVE_MAGIC
 
 QCOW2_MAGIC = b"QFI\xfb"
 ISO_MAGIC = b"CD001"
@@ -81,7 +82,7 @@ def is_temp(name: str) -> bool:
 
 
 def detect_format(path: Path) -> str:
-    """ "qcow2", "iso" or "raw", from the file's magic bytes.
+    """ "qcow2", "iso", "save" (a VM's saved state, storage/savefile.py) or "raw", from the file's magic bytes.
 
     Call this ONCE, when a file becomes a volume (creation, import, adoption by a pool refresh), and record the
     result. Never probe again later: a guest writing to a raw disk can put a qcow2 header at its start, and an
@@ -94,6 +95,8 @@ def detect_format(path: Path) -> str:
             return "qcow2"
         if os.pread(fd, len(ISO_MAGIC), ISO_MAGIC_OFFSET) == ISO_MAGIC:
             return "iso"
+        if os.pread(fd, len(SAVE_MAGIC), 0) == SAVE_MAGIC:
+            return "save"
         return "raw"
     finally:
         os.close(fd)
