@@ -112,6 +112,22 @@ class Daemon:
         self.proc.wait(10)
         self.proc = None
 
+    @contextlib.contextmanager
+    def dying_at(self, step: str) -> Iterator[None]:
+        """Restart the daemon so that it kills itself (-9) at crash point `step` (VMKIT_CRASH_AT, see
+        vmkit/util/crash.py), which the block must make it reach; then start it again, to finish or undo."""
+        self.stop()
+        self.env["VMKIT_CRASH_AT"] = step
+        self.start()
+        try:
+            yield
+            assert self.proc is not None
+            self.proc.wait(10)
+            self.proc = None
+        finally:
+            del self.env["VMKIT_CRASH_AT"]
+        self.start()
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)

@@ -217,18 +217,8 @@ def test_refusals_raw_disks_offline_work_and_internal_below_an_overlay(daemon: D
 
 def crash_during(d: Daemon, step: str, *cmd: str) -> None:
     """Run cmd on a daemon that kills itself (-9) at `step`, then start it again (it finishes or undoes)."""
-    d.stop()
-    d.env["VMKIT_CRASH_AT"] = step
-    d.start()
-    try:
-        res = d.cli(*cmd, check=False)
-        assert res.returncode != 0, f"{step}: the daemon did not die at it"
-        assert d.proc is not None
-        d.proc.wait(10)
-        d.proc = None
-    finally:
-        del d.env["VMKIT_CRASH_AT"]
-    d.start()
+    with d.dying_at(step):
+        assert d.cli(*cmd, check=False).returncode != 0, f"{step}: the daemon did not die at it"
 
 
 def consistent(d: Daemon, name: str) -> dict[str, dict[str, Any]]:

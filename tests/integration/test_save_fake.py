@@ -196,18 +196,8 @@ def test_a_changed_machine_is_refused_with_a_way_out(fake_daemon: Daemon) -> Non
 def test_daemon_killed_during_managed_save(fake_daemon: Daemon, step: str, state: str, kept: bool) -> None:
     d = fake_daemon
     new_vm(d, "k")
-    d.stop()
-    d.env["VMKIT_CRASH_AT"] = step
-    d.start()
-    try:
-        with pytest.raises((ApiError, OSError)):
-            d.api.post("/v1/vms/k/managed-save")
-        assert d.proc is not None
-        d.proc.wait(10)
-        d.proc = None
-    finally:
-        del d.env["VMKIT_CRASH_AT"]
-    d.start()
+    with d.dying_at(step), pytest.raises((ApiError, OSError)):
+        d.api.post("/v1/vms/k/managed-save")
     assert d.vm("k")["state"] == state
     assert ("k.managedsave" in pool_files(d)) is kept
     assert not [n for n in pool_files(d) if n.startswith(".")] and journal(d) == []
@@ -222,18 +212,8 @@ def test_daemon_killed_during_restore(fake_daemon: Daemon, step: str, state: str
     d = fake_daemon
     new_vm(d, "k")
     d.api.post("/v1/vms/k/managed-save")
-    d.stop()
-    d.env["VMKIT_CRASH_AT"] = step
-    d.start()
-    try:
-        with pytest.raises((ApiError, OSError)):
-            d.api.post("/v1/vms/k/start")
-        assert d.proc is not None
-        d.proc.wait(10)
-        d.proc = None
-    finally:
-        del d.env["VMKIT_CRASH_AT"]
-    d.start()
+    with d.dying_at(step), pytest.raises((ApiError, OSError)):
+        d.api.post("/v1/vms/k/start")
     assert d.vm("k")["state"] == state and journal(d) == []
     assert ("k.managedsave" in pool_files(d)) is (state == "saved")
     if state == "saved":

@@ -23,11 +23,12 @@ import os
 import uuid
 from typing import Any
 
-from vmkit.errors import Conflict, NotFound
+from vmkit.errors import Conflict
 from vmkit.model.storage import CloneVolume, split_volume
 from vmkit.model.vm import CloneVm, VmInfo, VmSpec
 from vmkit.qemu import blocksnap
 from vmkit.qemu.monitor import Monitor
+from vmkit.services import journal
 from vmkit.services.operations import Progress
 from vmkit.services.snapshots import SnapshotService
 from vmkit.services.vms import VmRuntime, VmService, _qmp
@@ -217,25 +218,13 @@ class CloneService:
     # ----- crash recovery ------------------------------------------------------------------------
     async def recover(self) -> None:
         """Finish or undo a clone a crash cut short (see the module's docstring). Run once VMs are loaded."""
-        for vm_name, plan in self._store.journals().items():
-            if plan.get("op") != "clone":
-                continue
-            try:
-                src = self._vms.runtime(vm_name)
-            except NotFound:
-                self._store.set_journal(vm_name, None)
-                continue
-            try:
-                await self._recover(src, plan)
-            except Exception as e:  # noqa: BLE001 - one VM's trouble must not stop the daemon
-                log.error("VM %s: cannot finish its interrupted clone: %s", vm_name, e)
+        await journal.recover(self._store, self._vms, ("clone",), self._recover)
 
     async def _recover(self, src: VmRuntime, plan: dict[str, Any]) -> None:
         try:
             live = self._snapshots.live(src)
         except Conflict:
             live = None
-        log.info("VM %s: finishing an interrupted clone into %s", src.spec.name, plan["name"])
         async with src.lock:
             if plan["temp"]:
                 await self._settle_temp(src, plan, live)

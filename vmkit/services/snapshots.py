@@ -35,6 +35,7 @@ from vmkit.model.storage import DEFAULT_POOL, split_volume
 from vmkit.model.vm import DiskSpec, VmInfo, VmSpec, VmState
 from vmkit.qemu import blocksnap
 from vmkit.qemu.monitor import JobFailed, Monitor
+from vmkit.services import journal
 from vmkit.services.vms import VmRuntime, VmService, _qmp
 from vmkit.services.volumes import VolumeService
 from vmkit.storage import qemu_img
@@ -498,27 +499,19 @@ class SnapshotService:
     # ----- crash recovery ------------------------------------------------------------------------
     async def recover(self) -> None:
         """Finish or undo what a crash cut short (see the module's docstring). Run once VMs are loaded."""
-        for vm_name, j in self._store.journals().items():
-            try:
-                vm = self._vms.runtime(vm_name)
-            except NotFound:
-                self._store.set_journal(vm_name, None)
-                continue
-            try:
-                async with vm.lock:
-                    await self._recover(vm, j)
-            except Exception as e:  # noqa: BLE001 - one VM's trouble must not stop the daemon
-                log.error("VM %s: cannot finish its interrupted %s: %s", vm_name, j.get("op"), e)
+
+        async def finish(vm: VmRuntime, entry: dict[str, Any]) -> None:
+            async with vm.lock:
+                await self._recover(vm, entry)
+
+        await journal.recover(self._store, self._vms, ("create", "revert", "discard", "delete"), finish)
 
     async def _recover(self, vm: VmRuntime, j: dict[str, Any]) -> None:
-        if j.get("op") not in ("create", "revert", "discard", "delete"):
-            return  # a clone's or a save's: their services finish them
         try:
             live = self.live(vm)
         except Conflict:
             live = None  # QEMU is there but not answering: treat its images as it left them
         op = j.get("op")
-        log.info("VM %s: finishing an interrupted snapshot %s", vm.spec.name, op)
         if op == "create":
             rec = SnapshotRecord.model_validate(j["record"])
             if rec.kind == "internal":

@@ -45,6 +45,7 @@ from vmkit.model.storage import DEFAULT_POOL, split_volume
 from vmkit.model.vm import VmInfo, VmSpec, VmState
 from vmkit.qemu import process, savevm
 from vmkit.qemu.monitor import Monitor
+from vmkit.services import journal
 from vmkit.services.vms import QmpFailed, VmRuntime, VmService, _qmp
 from vmkit.services.volumes import VolumeService
 from vmkit.storage import files, savefile
@@ -348,23 +349,12 @@ class VmSaveService:
     async def recover(self) -> None:
         """Finish or undo a save or restore a crash cut short (see the module's docstring), and drop managed
         saves no VM resumes from. Run once VMs are loaded and VolumeService.recover has run."""
-        for vm_name, j in self._store.journals().items():
-            if j.get("op") not in ("save", "restore"):
-                continue
-            try:
-                vm = self._vms.runtime(vm_name)
-            except NotFound:
-                self._store.set_journal(vm_name, None)
-                continue
-            try:
-                async with vm.lock:
-                    log.info("VM %s: finishing an interrupted %s", vm_name, j["op"])
-                    if j["op"] == "save":
-                        await self._recover_save(vm, j)
-                    else:
-                        await self._recover_restore(vm, j)
-            except Exception as e:  # noqa: BLE001 - one VM's trouble must not stop the daemon
-                log.error("VM %s: cannot finish its interrupted %s: %s", vm_name, j.get("op"), e)
+
+        async def finish(vm: VmRuntime, j: dict[str, Any]) -> None:
+            async with vm.lock:
+                await (self._recover_save if j["op"] == "save" else self._recover_restore)(vm, j)
+
+        await journal.recover(self._store, self._vms, ("save", "restore"), finish)
         for vm in self._vms.runtimes():
             if self._store.journal(vm.spec.name) is not None:
                 continue
