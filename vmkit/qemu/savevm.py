@@ -45,16 +45,7 @@ async def save_state(mon: Monitor, fd: int, *, timeout_s: float) -> dict[str, An
     cancels: cancel())."""
     await _prepare(mon)
     await mon.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-    await mon.getfd(fd, SAVE_FD)
-    with mon.expect_event(EV_MIGRATION, _ended) as done:
-        try:
-            await mon.execute("migrate", {"uri": f"fd:{SAVE_FD}"})
-        except BaseException:
-            # QEMU takes the named descriptor only once the migration starts.
-            with contextlib.suppress(Exception):
-                await mon.closefd(SAVE_FD)
-            raise
-        return await _finish(mon, done, timeout_s)
+    return await _migrate(mon, fd, SAVE_FD, "migrate", timeout_s)
 
 
 async def load_state(mon: Monitor, fd: int, *, timeout_s: float) -> dict[str, Any]:
@@ -62,13 +53,19 @@ async def load_state(mon: Monitor, fd: int, *, timeout_s: float) -> dict[str, An
     defer`; it stays paused afterwards. Raises MigrationFailed (QEMU then exits: a failed incoming migration ends
     it), or TimeoutError."""
     await _prepare(mon)
-    await mon.getfd(fd, LOAD_FD)
+    return await _migrate(mon, fd, LOAD_FD, "migrate-incoming", timeout_s)
+
+
+async def _migrate(mon: Monitor, fd: int, fdname: str, cmd: str, timeout_s: float) -> dict[str, Any]:
+    """Hand fd to QEMU as fdname and run cmd (migrate, migrate-incoming) on it to the end."""
+    await mon.getfd(fd, fdname)
     with mon.expect_event(EV_MIGRATION, _ended) as done:
         try:
-            await mon.execute("migrate-incoming", {"uri": f"fd:{LOAD_FD}"})
+            await mon.execute(cmd, {"uri": f"fd:{fdname}"})
         except BaseException:
+            # QEMU takes the named descriptor only once the migration starts.
             with contextlib.suppress(Exception):
-                await mon.closefd(LOAD_FD)
+                await mon.closefd(fdname)
             raise
         return await _finish(mon, done, timeout_s)
 
