@@ -243,6 +243,7 @@ class Store:
         with self.transaction():
             self._db.execute("DELETE FROM vms WHERE name = ?", (name,))
             self._db.execute("DELETE FROM snapshots WHERE vm = ?", (name,))
+            self._db.execute("DELETE FROM journal WHERE vm = ?", (name,))  # never to be taken for a new VM's
 
     # Images
     def put_image(self, name: str, data: dict[str, Any]) -> None:
