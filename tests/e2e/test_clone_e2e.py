@@ -53,6 +53,8 @@ def test_full_and_linked_clones_running_and_stopped(daemon: Daemon) -> None:
     linked = j(d, "vm", "clone", "src", "linked", "--linked", "--memory", "192")
     assert linked["memory_mib"] == 192
     assert disk0(d, "src")["backing"] == before == disk0(d, "linked")["backing"]
+    assert j(d, "volume", "info", before)["used_by"] == ["src (base)"]
+    assert d.cli("volume", "delete", before, check=False).returncode != 0
     start(d, "linked")
     assert marker(d, "linked") == "SRC2"
     write_marker(d, "linked", "LINKED")

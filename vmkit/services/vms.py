@@ -778,8 +778,10 @@ class VmService:
         return out
 
     def volume_users(self, key: str) -> list[str]:
-        """VMs whose disks or CD-ROMs are volume `key`, then 'VM (snapshot S)' for snapshots that need it."""
-        return self._vm_users(key) + self.snapshot_refs(key)
+        """VMs whose disks or CD-ROMs are volume `key`, then 'VM (snapshot S)' for snapshots that need it and
+        'VM (base)' for a VM it is a base of (a linked clone froze it)."""
+        bases = [f"{vm.spec.name} (base)" for vm in self.runtimes() if key in vm.spec.bases]
+        return self._vm_users(key) + self.snapshot_refs(key) + bases
 
     def _vm_users(self, key: str) -> list[str]:
         return [
