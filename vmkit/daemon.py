@@ -135,9 +135,11 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.clones import CloneService
     from vmkit.services.events import EventBus
     from vmkit.services.images import ImageService
+    from vmkit.services.migrations import MigrationService
     from vmkit.services.networks import NetworkService
     from vmkit.services.operations import Operations
     from vmkit.services.pools import PoolService
+    from vmkit.services.remotes import RemoteService
     from vmkit.services.snapshots import SnapshotService
     from vmkit.services.stats import StatsService
     from vmkit.services.upgrade import take_over
@@ -242,6 +244,9 @@ async def serve(cfg: DaemonConfig) -> None:
     await saves.recover()
     clones = CloneService(store=store, vms=vms, volumes=volumes, snapshots=snapshots)
     await clones.recover()
+    remotes = RemoteService(store=store)
+    migrations = MigrationService(store=store, vms=vms, volumes=volumes, networks=networks, remotes=remotes)
+    await migrations.recover()
     # dnsmasq was (re)started before the VMs were known: tell it their names now.
     await networks.refresh_hosts()
     stats = StatsService(vms)
@@ -263,6 +268,8 @@ async def serve(cfg: DaemonConfig) -> None:
         snapshots=snapshots,
         saves=saves,
         clones=clones,
+        remotes=remotes,
+        migrations=migrations,
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,
         state_dir=str(cfg.state_dir),

@@ -37,6 +37,7 @@ from urllib3.connectionpool import HTTPConnectionPool
 from tests.conftest import FAKE_QEMU, Daemon
 from tests.netns import daemon_in, namespaces
 from vmkit.cli.client import ApiError
+from vmkit.model.remote import format_url, parse_url
 from vmkit.model.vm import valid_name
 
 SEED = 20261126
@@ -144,6 +145,7 @@ def _steer(case: schemathesis.Case) -> str | None:
         case.path_parameters = {**(case.path_parameters or {}), "name": name}
         seeded = name if name in SEEDED else None
     _steer_storage(case)
+    _steer_remote(case)
     if case.operation.path.endswith("/wait"):
         query = dict(case.query) if isinstance(case.query, dict) else {}
         t = query.get("timeout_s", 60.0)
@@ -169,6 +171,19 @@ def _steer_storage(case: schemathesis.Case) -> None:
     size = body.get("size_bytes")
     if isinstance(size, int) and not isinstance(size, bool) and size > SIZE_CAP:
         body["size_bytes"] = SIZE_CAP
+
+
+def _steer_remote(case: schemathesis.Case) -> None:
+    """A remote the daemon would accept is moved to loopback (same scheme and port), where nothing of the fuzz
+    namespace listens: adding it is then refused at once (502), and no fuzz run makes the daemon connect, or
+    resolve a name, anywhere else (the daemon's own network namespace, which reaches nothing outside, is a
+    second fence)."""
+    body = case.body
+    if case.operation.path != "/v1/remotes" or not isinstance(body, dict) or not isinstance(body.get("url"), str):
+        return
+    with contextlib.suppress(ValueError):  # not a URL the daemon accepts: refused with a 400 before any connection
+        scheme, _, port = parse_url(body["url"])
+        body["url"] = format_url(scheme, "127.0.0.1", port)
 
 
 def _cap(timeout_s: Any) -> Any:

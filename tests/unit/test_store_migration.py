@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmkit.model.snapshot import SnapshotRecord
-from vmkit.store.db import _MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, Store, TokenRow, VolumeRow
+from vmkit.store.db import _MIGRATIONS, SCHEMA_VERSION, RemoteRow, SchemaTooNew, Store, TokenRow, VolumeRow
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "state-v1.sql"
 
@@ -43,7 +43,7 @@ def test_v2_database_is_migrated(tmp_path: Path) -> None:
     assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'tokens'").fetchone() is None
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "6"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION) == "7"
     assert {r.spec.name: r.uid for r in store.vms()} == {"old": 1_900_000_005, "oldrun": None}
     assert store.tokens() == []
     store.add_token(TokenRow("ci", "00" * 32, True, 1.0, None))
@@ -62,7 +62,7 @@ def test_v3_database_gets_pools_and_volumes(tmp_path: Path) -> None:
     con.commit()
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == "6" and store.pools() == [] and store.volumes() == []
+    assert store.get_meta("schema_version") == "7" and store.pools() == [] and store.volumes() == []
     assert store.networks() == []
     store.add_pool("default", "dir", str(tmp_path))
     store.add_volume(VolumeRow("default", "a.qcow2", "qcow2", "off", None, "ready", 1.0))
@@ -88,7 +88,7 @@ def test_v5_database_gets_snapshots_and_a_journal(tmp_path: Path) -> None:
     con.commit()
     con.close()
     store = Store(db)
-    assert store.get_meta("schema_version") == "6"
+    assert store.get_meta("schema_version") == "7"
     old = store.vms()[0].spec
     assert store.snapshots(old.name) == [] and store.journals() == {}
     s1 = SnapshotRecord(name="s1", kind="internal", state="shut off", created_at=1.0, spec=old)
@@ -101,6 +101,35 @@ def test_v5_database_gets_snapshots_and_a_journal(tmp_path: Path) -> None:
     assert store.current_snapshot(old.name) == "s2" and store.journal(old.name) == {"op": "delete", "snapshot": "s1"}
     store.delete_vm(old.name)  # its snapshots and its journal go with it
     assert store.snapshots(old.name) == [] and store.journals() == {}
+
+
+def test_v6_database_gets_remotes(tmp_path: Path) -> None:
+    db = tmp_path / "vmkit.db"
+    con = sqlite3.connect(db)
+    con.executescript(FIXTURE.read_text().replace("@STATE@", str(tmp_path)))
+    for version in (2, 3, 4, 5, 6):
+        for stmt in _MIGRATIONS[version]:
+            con.execute(stmt)
+    con.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    con.commit()
+    assert con.execute("SELECT 1 FROM sqlite_master WHERE name = 'remotes'").fetchone() is None
+    con.close()
+    store = Store(db)
+    assert store.get_meta("schema_version") == "7"
+    assert {r.spec.name for r in store.vms()} == {"old", "oldrun"}  # the rows of before are all there
+    assert store.remotes() == [] and store.remote("b") is None
+    b = RemoteRow("b", "https://192.0.2.2:8443", "vmk_secret", "ab" * 32, 2.0)
+    a = RemoteRow("a", "http://127.0.0.1:8006", "vmk_other", None, 1.0)
+    store.add_remote(b)
+    store.add_remote(a)
+    with pytest.raises(sqlite3.IntegrityError):  # one remote per name
+        store.add_remote(RemoteRow("b", "https://192.0.2.3:8443", "t", None, 3.0))
+    assert "vmk_secret" not in repr(b)  # a row in a log line or a traceback does not give the token away
+    store.close()
+    store = Store(db)
+    assert store.remotes() == [a, b] and store.remote("b") == b
+    assert store.delete_remote("b") and not store.delete_remote("b")
+    assert store.remotes() == [a]
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:

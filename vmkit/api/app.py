@@ -18,8 +18,10 @@ from vmkit.api import (
     consoles,
     images,
     metrics,
+    migrations,
     networks,
     pools,
+    remotes,
     snapshots,
     system,
     tokens,
@@ -147,6 +149,8 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(volumes.router)
     app.include_router(metrics.router)
     app.include_router(tokens.router)
+    app.include_router(remotes.router)
+    app.include_router(migrations.router)
     app.include_router(ui.router)
     ui.mount_static(app)  # last: a mount at /ui takes every path below it
     return app

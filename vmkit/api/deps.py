@@ -15,9 +15,11 @@ from vmkit.services.auth import TokenService
 from vmkit.services.clones import CloneService
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
+from vmkit.services.migrations import MigrationService
 from vmkit.services.networks import NetworkService
 from vmkit.services.operations import Operations
 from vmkit.services.pools import PoolService
+from vmkit.services.remotes import RemoteService
 from vmkit.services.sessions import Sessions
 from vmkit.services.snapshots import SnapshotService
 from vmkit.services.stats import StatsService
@@ -46,6 +48,8 @@ class Services:
     snapshots: SnapshotService
     saves: VmSaveService
     clones: CloneService
+    remotes: RemoteService
+    migrations: MigrationService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
     state_dir: str | None = None  # for the dashboard's disk usage

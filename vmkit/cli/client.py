@@ -100,9 +100,11 @@ class Client:
         url: str | None = None,
         token: str | None = None,
         fingerprint: str | None = None,
+        connect_timeout_s: float = 30.0,
     ) -> None:
         self.path = socket_path(path)
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s  # TCP: how long a connection (not an answer) may take
         self.url = url  # None: the UNIX socket
         self.token = token
         self.fingerprint = fingerprint
@@ -141,7 +143,7 @@ class Client:
         tls, host, port = split_url(url)
         pinned = normalize_fingerprint(self.fingerprint) if self.fingerprint else None
         try:
-            sock = socket.create_connection((host, port), timeout=min(self.timeout_s, 30))
+            sock = socket.create_connection((host, port), timeout=min(self.timeout_s, self.connect_timeout_s))
         except OSError as e:
             raise ApiError(0, f"cannot reach the vmkit daemon at {url} ({e.strerror or e})") from e
         sock.settimeout(self.timeout_s)

@@ -627,8 +627,8 @@ class _Skipped:
 VERBS = {
     "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "ifaddr", "attach-nic", "detach-nic",
            "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown", "stop", "delete",
-           "autostart", "wait", "log", "console", "exec", "clone", "save", "restore", "saves",
-           "managedsave-remove"},
+           "autostart", "wait", "log", "console", "exec", "clone", "migrate", "migrate-cancel", "save", "restore",
+           "saves", "managedsave-remove"},
     "image": {"list", "demo"},
     "pool": {"list", "info", "create", "refresh", "delete"},
     "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases", "forward"},
@@ -636,6 +636,7 @@ VERBS = {
     "snapshot": {"create", "list", "info", "revert", "delete"},
     "host": {"check"},
     "token": {"create", "list", "revoke"},
+    "remote": {"add", "list", "info", "remove"},
     "daemon": set(),
     "events": set(),
     "ui": set(),
@@ -802,14 +803,16 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
     sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
 
-    from vmkit.cli import clones, networks, pools, snapshots, volumes
+    from vmkit.cli import clones, migrations, networks, pools, remotes, snapshots, volumes
 
     clones.add_parsers(vm, add)
+    migrations.add_parsers(vm, add)
 
     pools.add_parsers(nouns, add)
     volumes.add_parsers(nouns, add)
     networks.add_parsers(nouns, add)
     snapshots.add_parsers(nouns, add)
+    remotes.add_parsers(nouns, add)
 
     sp = nouns.add_parser("events", help="follow VM state changes and operations as they happen")
     sp.set_defaults(fn=events)

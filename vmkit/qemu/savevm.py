@@ -43,7 +43,7 @@ async def save_state(mon: Monitor, fd: int, *, timeout_s: float) -> dict[str, An
     QEMU is left in `postmigrate` (paused, its disks inactive: a `cont` takes them back) on success and paused
     (`cont` to resume) on failure. Raises MigrationFailed, or TimeoutError after timeout_s (the caller then
     cancels: cancel())."""
-    await _prepare(mon)
+    await enable_events(mon)
     await mon.execute("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
     return await _migrate(mon, fd, SAVE_FD, "migrate", timeout_s)
 
@@ -52,14 +52,14 @@ async def load_state(mon: Monitor, fd: int, *, timeout_s: float) -> dict[str, An
     """Load the state from fd (positioned at the start of the stream) into a QEMU waiting with `-incoming
     defer`; it stays paused afterwards. Raises MigrationFailed (QEMU then exits: a failed incoming migration ends
     it), or TimeoutError."""
-    await _prepare(mon)
+    await enable_events(mon)
     return await _migrate(mon, fd, LOAD_FD, "migrate-incoming", timeout_s)
 
 
 async def _migrate(mon: Monitor, fd: int, fdname: str, cmd: str, timeout_s: float) -> dict[str, Any]:
     """Hand fd to QEMU as fdname and run cmd (migrate, migrate-incoming) on it to the end."""
     await mon.getfd(fd, fdname)
-    with mon.expect_event(EV_MIGRATION, _ended) as done:
+    with mon.expect_event(EV_MIGRATION, ended) as done:
         try:
             await mon.execute(cmd, {"uri": f"fd:{fdname}"})
         except BaseException:
@@ -67,7 +67,7 @@ async def _migrate(mon: Monitor, fd: int, fdname: str, cmd: str, timeout_s: floa
             with contextlib.suppress(Exception):
                 await mon.closefd(fdname)
             raise
-        return await _finish(mon, done, timeout_s)
+        return await wait_end(mon, done, timeout_s)
 
 
 async def status(mon: Monitor) -> str:
@@ -79,28 +79,28 @@ async def cancel(mon: Monitor, *, timeout_s: float = 10.0) -> str:
     """Stop an outgoing migration still under way (a save a daemon crash cut short); returns the final status."""
     if await status(mon) in _ENDED | {"none"}:
         return await status(mon)
-    with mon.expect_event(EV_MIGRATION, _ended) as done:
+    with mon.expect_event(EV_MIGRATION, ended) as done:
         await mon.execute("migrate_cancel")
         with contextlib.suppress(MigrationFailed):
-            return str((await _finish(mon, done, timeout_s)).get("status"))
+            return str((await wait_end(mon, done, timeout_s)).get("status"))
     return await status(mon)
 
 
 async def await_end(mon: Monitor, *, timeout_s: float) -> dict[str, Any]:
     """Wait for a migration started earlier (by a daemon that died since) to end, as save_state/load_state do."""
-    with mon.expect_event(EV_MIGRATION, _ended) as done:
-        return await _finish(mon, done, timeout_s)
+    with mon.expect_event(EV_MIGRATION, ended) as done:
+        return await wait_end(mon, done, timeout_s)
 
 
-async def _prepare(mon: Monitor) -> None:
+async def enable_events(mon: Monitor) -> None:
     await mon.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
 
 
-def _ended(data: dict[str, Any]) -> bool:
+def ended(data: dict[str, Any]) -> bool:
     return data.get("status") in _ENDED
 
 
-async def _finish(mon: Monitor, done: EventWaiter, timeout_s: float) -> dict[str, Any]:
+async def wait_end(mon: Monitor, done: EventWaiter, timeout_s: float) -> dict[str, Any]:
     """Wait for the migration to end (its event, or query-migrate says so); its query-migrate answer."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

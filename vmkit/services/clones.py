@@ -68,9 +68,7 @@ class CloneService:
             # New images: the clone's (copies or overlays), and for a linked clone the source's new overlays.
             plan["disks"] = {d.name: self._new_key(d.volume or "", f"{req.name}-{d.name}") for d in disks}
             plan["source"] = (
-                {d.name: self._new_key(d.volume or "", f"{src_name}-{d.name}") for d in disks}
-                if req.linked
-                else {}
+                {d.name: self._new_key(d.volume or "", f"{src_name}-{d.name}") for d in disks} if req.linked else {}
             )
             plan["temp"] = (
                 {d.name: self._new_key(d.volume or "", f"{src_name}-{d.name}-clonetmp") for d in disks}

@@ -913,16 +913,24 @@ class VmService:
             await self.boot(vm)
             return vm.info()
 
-    async def boot(self, vm: VmRuntime, *, loadvm: str | None = None, incoming_fd: int | None = None) -> None:
+    async def boot(
+        self,
+        vm: VmRuntime,
+        *,
+        loadvm: str | None = None,
+        incoming_fd: int | None = None,
+        incoming: Callable[[qmp.Monitor], Awaitable[None]] | None = None,
+    ) -> None:
         """Start QEMU for vm, whose lock the caller holds (start; a snapshot's revert with loadvm, its tag; a
         restore with incoming_fd, a descriptor of a save file positioned at its state, which QEMU loads before
-        any guest code runs: the VM is left paused, and the caller decides whether to `cont`)."""
+        any guest code runs: the VM is left paused, and the caller decides whether to `cont`; an incoming live
+        migration with `incoming`, which readies the paused QEMU to receive it: services/migrations.py)."""
         for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
             if path and not os.path.isfile(path):
                 raise Conflict(f"cannot start {vm.spec.name!r}: its {label} {path} is missing")
         vm.launching = True
         try:
-            await self._launch(vm, loadvm=loadvm, incoming_fd=incoming_fd)
+            await self._launch(vm, loadvm=loadvm, incoming_fd=incoming_fd, incoming=incoming)
         finally:
             vm.launching = False
         if vm.pidfd is None and vm.proc is not None:
@@ -934,7 +942,14 @@ class VmService:
         if vm.proc is not None and process.alive(vm.proc):
             await self._quit(vm)
 
-    async def _launch(self, vm: VmRuntime, *, loadvm: str | None = None, incoming_fd: int | None = None) -> None:
+    async def _launch(
+        self,
+        vm: VmRuntime,
+        *,
+        loadvm: str | None = None,
+        incoming_fd: int | None = None,
+        incoming: Callable[[qmp.Monitor], Awaitable[None]] | None = None,
+    ) -> None:
         paths = vm.paths
         longest = max(len(str(p)) for p in (paths.qmp_sock, paths.serial_sock, paths.qga_sock))
         if longest > MAX_SOCKET_PATH:
@@ -965,8 +980,8 @@ class VmService:
                 fds = stack.enter_context(
                     open_handover(vm.spec, paths, ident.uid, ident.gid, format_of=self._volumes.format_of, taps=taps)
                 )
-                incoming = None if incoming_fd is None else "defer"
-                argv = qemu_argv(vm.spec, paths, self._host, fds, loadvm=loadvm, incoming=incoming)
+                defer = "defer" if incoming_fd is not None or incoming is not None else None
+                argv = qemu_argv(vm.spec, paths, self._host, fds, loadvm=loadvm, incoming=defer)
                 vm.proc, vm.popen = process.spawn(
                     argv,
                     paths,
@@ -987,7 +1002,9 @@ class VmService:
             # QEMU that dies meanwhile resets the connection at once, so a longer wait only waits for a slow one.
             await self._attach(vm, timeout_s=START_QMP_TIMEOUT_S)
             await limits.apply_disks(vm.monitor, vm.spec, only_limited=True)  # type: ignore[arg-type]
-            if incoming_fd is None:
+            if incoming is not None:
+                await incoming(vm.monitor)  # type: ignore[arg-type]
+            elif incoming_fd is None:
                 await vm.monitor.cont()  # type: ignore[union-attr]
             else:
                 # No `cont` before the state is loaded: the guest would run from nothing (QEMU would only note
@@ -1013,9 +1030,11 @@ class VmService:
             self._set_state(vm, VmState.SHUTOFF, "failed")
             if incoming_fd is not None:  # QEMU could not load a saved state (502: QEMU failed, not vmkit)
                 raise QmpFailed(f"QEMU could not load the saved state of {vm.spec.name!r}: {detail}") from e
+            if incoming is not None and isinstance(e, VmkitError):
+                raise
             raise VmkitError(f"QEMU failed to start {vm.spec.name!r}: {detail}") from e
-        if incoming_fd is not None:
-            self._set_state(vm, VmState.PAUSED, "restored")
+        if incoming_fd is not None or incoming is not None:
+            self._set_state(vm, VmState.PAUSED, "restored" if incoming is None else "incoming migration")
             return
         # RESUME may already have set it; setting again is a no-op.
         self._set_state(vm, VmState.RUNNING, "booted" if loadvm is None else "reverted")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from vmkit.model.network import NetworkSpec
 from vmkit.model.snapshot import SnapshotRecord
 from vmkit.model.vm import VmSpec, VmState
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # API tokens for the TCP listener: only a SHA-256 of each secret is kept.
 _TOKENS_TABLE = """
@@ -77,6 +77,17 @@ CREATE TABLE IF NOT EXISTS journal (
     data TEXT NOT NULL
 )"""
 
+# Other vmkit daemons this one talks to (services/remotes.py): their TCP API's URL, an API token of theirs (in
+# clear: it is sent; the database is 0600) and the pinned SHA-256 of their TLS certificate (null over http).
+_REMOTES_TABLE = """
+CREATE TABLE IF NOT EXISTS remotes (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    token TEXT NOT NULL,
+    fingerprint TEXT,
+    created_at REAL NOT NULL
+)"""
+
 # The schema a fresh state dir gets; an older one is brought here by _MIGRATIONS, in order.
 _SCHEMA = (
     """
@@ -105,6 +116,8 @@ CREATE TABLE IF NOT EXISTS images (
     + ";\n"
     + _SNAPSHOT_TABLES
     + ";\n"
+    + _REMOTES_TABLE
+    + ";\n"
 )
 
 # version -> statements that bring the previous version to it. Each runs in one transaction with the
@@ -124,6 +137,8 @@ _MIGRATIONS: dict[int, list[str]] = {
     5: [_NETWORKS_TABLE],
     # 6: snapshots and the per-VM journal.
     6: [stmt for stmt in _SNAPSHOT_TABLES.split(";") if stmt.strip()],
+    # 7: remotes (other daemons, for migration).
+    7: [_REMOTES_TABLE],
 }
 
 
@@ -162,6 +177,15 @@ class TokenRow:
     read_only: bool
     created_at: float
     last_used_at: float | None
+
+
+@dataclass(frozen=True)
+class RemoteRow:
+    name: str
+    url: str  # http(s)://HOST:PORT
+    token: str = field(repr=False)  # the remote's API token, in clear (never answered by the API)
+    fingerprint: str | None  # SHA-256 of its certificate, hex; None over plain http
+    created_at: float
 
 
 class Store:
@@ -393,6 +417,27 @@ class Store:
 
     def set_token_used(self, name: str, when: float) -> None:
         self._db.execute("UPDATE tokens SET last_used_at = ? WHERE name = ?", (when, name))
+
+    # Remotes (other vmkit daemons)
+    def add_remote(self, row: RemoteRow) -> None:
+        """sqlite3.IntegrityError when the name is taken."""
+        self._db.execute(
+            "INSERT INTO remotes(name, url, token, fingerprint, created_at) VALUES (?,?,?,?,?)",
+            (row.name, row.url, row.token, row.fingerprint, row.created_at),
+        )
+
+    def remotes(self) -> list[RemoteRow]:
+        rows = self._db.execute("SELECT name, url, token, fingerprint, created_at FROM remotes ORDER BY name")
+        return [RemoteRow(*r) for r in rows]
+
+    def remote(self, name: str) -> RemoteRow | None:
+        r = self._db.execute(
+            "SELECT name, url, token, fingerprint, created_at FROM remotes WHERE name = ?", (name,)
+        ).fetchone()
+        return RemoteRow(*r) if r else None
+
+    def delete_remote(self, name: str) -> bool:
+        return self._db.execute("DELETE FROM remotes WHERE name = ?", (name,)).rowcount > 0
 
 
 class _Transaction:

@@ -1,0 +1,72 @@
+"""Pure data types for migrating a VM to another vmkit host (services/migrations.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vmkit.model.names import NAME_PATTERN, check_name
+from vmkit.model.storage import DiskFormat, SizeBytes, VolumeKey
+from vmkit.model.vm import DISK_NAME_PATTERN, VmSpec
+
+MAX_DOWNTIME_MS = 60_000
+MAX_BANDWIDTH_MIB_S = 100_000
+
+
+class MigrateVm(BaseModel):
+    """Body of POST /v1/vms/{name}/migrate (virsh migrate --live [--copy-storage-all])."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    remote: Annotated[
+        str, Field(description="a remote's name (vmkit remote list)", json_schema_extra={"pattern": NAME_PATTERN})
+    ]
+    offline: bool = False  # a shut-off VM: its definition and disks move, nothing runs
+    copy_storage: bool = False  # disks copied to new volumes on the destination while the guest runs
+    max_downtime_ms: Annotated[int, Field(ge=1, le=MAX_DOWNTIME_MS)] = 300
+    bandwidth_mib_s: Annotated[int | None, Field(ge=1, le=MAX_BANDWIDTH_MIB_S)] = None  # None: no cap
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: str) -> str:
+        return check_name(v, "remote")
+
+
+class IncomingDisk(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    disk: Annotated[str, Field(pattern=DISK_NAME_PATTERN)]
+    size_bytes: SizeBytes
+    format: DiskFormat
+
+
+class IncomingMigration(BaseModel):
+    """Body of POST /v1/migrations/incoming, sent by the source daemon: make room for the VM and wait for it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec: VmSpec
+    autostart: bool = False
+    disks: Annotated[list[IncomingDisk], Field(max_length=64)] = Field(default_factory=list)
+    # The destination's address as the source reaches it: where its QEMU listens for the streams.
+    host: Annotated[str, Field(max_length=255)]
+    # The images pool volumes the VM boots from (direct kernel boot), found on the destination by name.
+    kernel_volume: VolumeKey | None = None
+    initrd_volume: VolumeKey | None = None
+
+
+class IncomingReady(BaseModel):
+    """What the destination answers: where its QEMU listens, and the key of both TLS streams."""
+
+    id: str
+    migration_port: int
+    nbd_port: int
+    exports: dict[str, str]  # disk → NBD export name
+    psk: str  # hex
+
+
+class FinishIncoming(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    running: bool = True  # resume the guest (it was running on the source)

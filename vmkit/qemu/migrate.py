@@ -1,0 +1,187 @@
+"""QMP sequences of a live migration between two QEMUs (vmkit/services/migrations.py drives them from both
+daemons), with the disks copied while the guest runs (libvirt's --copy-storage-all):
+
+- destination: QEMU started with `-incoming defer` (paused); `nbd-server-start` on a listening socket the
+  daemon made (its port known before QEMU gets it) and `nbd-server-add` of each new, empty disk; then
+  `migrate-incoming tcp:HOST:0`, its port read back from query-migrate.
+- source: each disk's top node mirrored (`blockdev-mirror sync=full`) into an NBD client node of the
+  destination's export; once every mirror is ready (and stays in step), `migrate`; when the migration has
+  completed, each mirror is cancelled (a ready mirror cancelled leaves the source on its own disk, which it
+  keeps until the destination has taken over).
+- destination again: `nbd-server-stop`, then `cont` (if the guest ran).
+
+Both streams are encrypted: a `tls-creds-psk` object on each side with a per-migration key. QEMU opens no path
+of vmkit's: the key's directory is handed over as a descriptor (add-fd) and named `/proc/self/fd/N`; QEMU
+reads `keys.psk` through it (the directory and file belong to the VM's identity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vmkit.qemu.monitor import EV_JOB_STATUS_CHANGE, Monitor
+from vmkit.qemu.savevm import EV_MIGRATION, enable_events, ended, wait_end
+
+TLS_ID = "vmkit-mig-tls"
+NBD_FD = "vmkit-nbd"
+PSK_USER = "vmkit"
+MIRROR_READY_TIMEOUT_S = 24 * 3600.0
+
+
+def write_psk(directory: Path, key_hex: str, uid: int) -> None:
+    """The key file QEMU's tls-creds-psk reads (`keys.psk`: USER:HEXKEY), in a directory of the VM's identity."""
+    directory.mkdir(mode=0o700)
+    path = directory / "keys.psk"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{PSK_USER}:{key_hex}\n".encode())
+        os.fchown(fd, uid, uid)
+    finally:
+        os.close(fd)
+    os.chown(directory, uid, uid)
+
+
+async def add_tls(mon: Monitor, directory: Path, *, endpoint: str) -> None:
+    """Create the TLS credentials object (server: destination, client: source) from the key in directory."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        ret = await mon.add_fd(fd, opaque=TLS_ID)
+    finally:
+        os.close(fd)
+    # add-fd answers with the descriptor's number in QEMU: a path QEMU can open without any of ours.
+    qemu_fd = await _fd_of(mon, ret)
+    args = {"qom-type": "tls-creds-psk", "id": TLS_ID, "endpoint": endpoint, "dir": f"/proc/self/fd/{qemu_fd}"}
+    if endpoint == "client":
+        args["username"] = PSK_USER  # the server finds the key by the name the client gives
+    await mon.execute("object-add", args)
+
+
+async def _fd_of(mon: Monitor, fdset_id: int) -> int:
+    for s in await mon.query_fdsets():
+        if int(s["fdset-id"]) == fdset_id and s.get("fds"):
+            return int(s["fds"][0]["fd"])
+    raise LookupError(f"fdset {fdset_id} is gone")
+
+
+async def serve_disks(mon: Monitor, listener: socket.socket, exports: dict[str, str]) -> None:
+    """Destination: an NBD server (TLS) on the daemon's listening socket, exporting node → name, writable."""
+    await mon.getfd(listener.fileno(), NBD_FD)
+    addr = {"type": "fd", "data": {"str": NBD_FD}}
+    await mon.execute("nbd-server-start", {"addr": addr, "tls-creds": TLS_ID})
+    for node, name in exports.items():
+        await mon.execute("nbd-server-add", {"device": node, "name": name, "writable": True})
+
+
+async def listen_migration(mon: Monitor, host: str) -> int:
+    """Destination: wait for the migration stream (TLS) on host; returns the port QEMU bound."""
+    await enable_events(mon)
+    await mon.execute("migrate-set-parameters", {"tls-creds": TLS_ID, "tls-hostname": ""})
+    shown = f"[{host}]" if ":" in host else host
+    await mon.execute("migrate-incoming", {"uri": f"tcp:{shown}:0"})
+    info = await mon.execute("query-migrate")
+    for addr in info.get("socket-address") or []:
+        if addr.get("port"):
+            return int(addr["port"])
+    raise LookupError("QEMU did not say which port it listens on for the migration")
+
+
+async def finish_incoming(mon: Monitor, *, run: bool) -> None:
+    """Destination, once the source says the migration completed: stop serving the disks, and run the guest."""
+    with contextlib.suppress(Exception):
+        await mon.execute("nbd-server-stop")
+    if run:
+        await mon.cont()
+
+
+async def mirror(mon: Monitor, disks: dict[str, str], host: str, port: int, exports: dict[str, str]) -> list[str]:
+    """Source: mirror each disk's top node (disks: disk → node) into the destination's export for it; returns the
+    job ids once every mirror is ready (the copy caught up; from then on every write goes to both)."""
+    jobs = []
+    for disk in disks:
+        target = f"{disk}-mig"
+        server = {"type": "inet", "host": host, "port": str(port)}
+        await mon.blockdev_add({"driver": "nbd", "node-name": target, "server": server, "export": exports[disk],
+                                "tls-creds": TLS_ID})  # fmt: skip
+        jobs.append(f"vmkit-mirror-{disk}")
+    waiters = []
+    with contextlib.ExitStack() as stack:
+        for (disk, node), job in zip(disks.items(), jobs, strict=True):
+            waiters.append(stack.enter_context(mon.expect_event(EV_JOB_STATUS_CHANGE, _ready_or_end(job))))
+            args = {"job-id": job, "device": node, "target": f"{disk}-mig", "sync": "full", "auto-dismiss": False}
+            await mon.execute("blockdev-mirror", args)
+        for job, w in zip(jobs, waiters, strict=True):
+            status = (await w.wait(MIRROR_READY_TIMEOUT_S)).get("status")
+            if status != "ready":
+                err = next((j.get("error") for j in await mon.query_jobs() if j.get("id") == job), None)
+                raise MigrationError(f"copying the disk failed: {err or status}")
+    return jobs
+
+
+async def migrate(
+    mon: Monitor,
+    host: str,
+    port: int,
+    *,
+    max_bandwidth: int,
+    downtime_limit_ms: int,
+    progress: Callable[[dict[str, Any]], None],
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Source: send the guest's RAM and device state (TLS); returns query-migrate's final answer. Raises
+    MigrationError (QEMU's reason) when it fails or is cancelled."""
+    await enable_events(mon)
+    params = {"tls-creds": TLS_ID, "tls-hostname": "", "max-bandwidth": max_bandwidth,
+              "downtime-limit": downtime_limit_ms}  # fmt: skip
+    await mon.execute("migrate-set-parameters", params)
+    shown = f"[{host}]" if ":" in host else host
+    with mon.expect_event(EV_MIGRATION, ended) as done:
+        await mon.execute("migrate", {"uri": f"tcp:{shown}:{port}"})
+        task = asyncio.ensure_future(wait_end(mon, done, timeout_s))
+        try:
+            while not task.done():
+                with contextlib.suppress(Exception):
+                    progress(await mon.execute("query-migrate"))
+                await asyncio.wait({task}, timeout=0.2)
+            info = task.result()
+        finally:
+            task.cancel()
+    if info.get("status") != "completed":
+        raise MigrationError(str(info.get("error-desc") or info.get("status")))
+    return info
+
+
+async def stop_mirrors(mon: Monitor, jobs: list[str], disks: list[str]) -> None:
+    """Source: cancel the mirrors (a ready one stays on the source's disk) and drop the NBD client nodes."""
+    for job in jobs:
+        with contextlib.suppress(Exception):
+            await mon.execute("block-job-cancel", {"device": job, "force": True})
+    await asyncio.sleep(0)
+    for job in jobs:
+        with contextlib.suppress(Exception):
+            await mon.await_job(job, timeout_s=30)
+    for disk in disks:
+        with contextlib.suppress(Exception):
+            await mon.blockdev_del(f"{disk}-mig")
+
+
+async def drop_tls(mon: Monitor) -> None:
+    with contextlib.suppress(Exception):
+        await mon.execute("object-del", {"id": TLS_ID})
+    for s in await mon.query_fdsets():
+        if any(f.get("opaque") == TLS_ID for f in s.get("fds") or []):
+            with contextlib.suppress(Exception):
+                await mon.remove_fd(int(s["fdset-id"]))
+
+
+def _ready_or_end(job: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda d: d.get("id") == job and d.get("status") in ("ready", "concluded", "aborting")
+
+
+class MigrationError(Exception):
+    """The migration failed; the text is QEMU's reason."""

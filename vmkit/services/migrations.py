@@ -1,0 +1,382 @@
+"""Live migration to another vmkit host, with the disks copied while the guest runs (virsh migrate --live
+--copy-storage-all), as two daemons talking over the destination's TLS API with a token (services/remotes.py).
+
+Source (`migrate`): asks the destination to make room (POST /v1/migrations/incoming: volumes, the VM defined,
+its QEMU waiting with `-incoming defer`, an NBD server on the new disks), mirrors each disk there, migrates RAM
+and device state (qemu/migrate.py), then tells the destination to finish (POST …/finish: the guest runs there)
+and only then removes the VM and its disks here. A failure or a cancel at any stage before the destination has
+finished leaves the VM running here as before, and the destination is told to drop everything it made.
+
+Destination (`prepare`, `finish`, `abort`): the VM it defines is journaled ("incoming") until finished, so a
+destination daemon that dies half-way removes the half-made VM at its next start (its QEMU never ran the guest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from vmkit.errors import Conflict, InvalidInput, NotFound, VmkitError
+from vmkit.model.migration import FinishIncoming, IncomingDisk, IncomingMigration, IncomingReady, MigrateVm
+from vmkit.model.storage import DEFAULT_POOL, CreateVolume
+from vmkit.model.vm import DiskSpec, VmInfo, VmState
+from vmkit.qemu import blocksnap
+from vmkit.qemu import migrate as qmig
+from vmkit.qemu.monitor import Monitor
+from vmkit.qemu.savevm import MAX_BANDWIDTH
+from vmkit.services import journal
+from vmkit.services.networks import NetworkService
+from vmkit.services.operations import Progress
+from vmkit.services.remotes import RemoteService
+from vmkit.services.vms import VmRuntime, VmService, _host_memory_mib, _qmp
+from vmkit.services.volumes import VolumeService
+from vmkit.store.db import Store
+from vmkit.util.crash import crashpoint
+from vmkit.util.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+MIGRATION_TIMEOUT_S = 24 * 3600.0
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    pass
+
+
+class MigrationService:
+    def __init__(
+        self, *, store: Store, vms: VmService, volumes: VolumeService, networks: NetworkService, remotes: RemoteService
+    ) -> None:
+        self._store = store
+        self._vms = vms
+        self._volumes = volumes
+        self._networks = networks
+        self._remotes = remotes
+        self._incoming: dict[str, str] = {}  # migration id → VM name (destination side)
+        self._outgoing: dict[str, asyncio.Task[Any]] = {}  # VM name → the task migrating it (source side)
+        self._watchers = TaskSet()
+
+    # ----- source --------------------------------------------------------------------------------
+    def check(self, name: str, req: MigrateVm) -> None:
+        """Refuse up front what cannot work: no such VM or remote, the wrong state for the kind asked."""
+        vm = self._vms.runtime(name)
+        self._remotes.info(req.remote)
+        if req.offline:
+            raise InvalidInput("offline migration is not there yet: migrate it running (--copy-storage)")
+        if vm.state not in (VmState.RUNNING, VmState.PAUSED):
+            raise Conflict(f"VM {name!r} is {vm.state}; a live migration needs it running or paused")
+        if not req.copy_storage:
+            raise InvalidInput(
+                "its disks are on local pools: give --copy-storage to copy them (shared pools are not there yet)"
+            )
+        if vm.spec.cdroms and any(c.path for c in vm.spec.cdroms):
+            raise Conflict(f"VM {name!r} has CD-ROM media in; eject them first (vm media eject)")
+
+    async def cancel(self, name: str) -> None:
+        """Stop a migration of VM `name` under way (virsh migrate-cancel); the VM stays here, running as before."""
+        task = self._outgoing.get(name)
+        if task is None or task.done():
+            raise NotFound(f"VM {name!r} is not being migrated")
+        task.cancel()
+
+    async def migrate(self, name: str, req: MigrateVm, progress: Progress = _no_progress) -> dict[str, Any]:
+        self.check(name, req)
+        if name in self._outgoing:
+            raise Conflict(f"VM {name!r} is being migrated already")
+        task = asyncio.current_task()
+        assert task is not None
+        self._outgoing[name] = task
+        try:
+            return await self._migrate(name, req, progress)
+        except asyncio.CancelledError:
+            task.uncancel()  # asked for by migrate-cancel, and answered: the operation fails with this reason
+            raise VmkitError(f"the migration of {name!r} was cancelled; it runs here as before") from None
+        finally:
+            del self._outgoing[name]
+
+    async def _migrate(self, name: str, req: MigrateVm, progress: Progress) -> dict[str, Any]:
+        vm = self._vms.runtime(name)
+        url = self._remotes.info(req.remote).url
+        host = urlsplit(url).hostname or ""
+        async with vm.lock:
+            if vm.monitor is None or vm.proc is None:
+                raise Conflict(f"VM {name!r} is not running")
+            disks = [d for d in vm.spec.disks if d.volume]
+            body = IncomingMigration(
+                spec=vm.spec,
+                autostart=vm.autostart,
+                disks=[
+                    IncomingDisk(
+                        disk=d.name,
+                        size_bytes=self._volumes.info(d.volume or "").capacity_bytes,
+                        format="qcow2" if d.format == "qcow2" else "raw",
+                    )
+                    for d in disks
+                ],  # fmt: skip
+                host=host,
+                kernel_volume=self._volumes.key_of_path(vm.spec.kernel) if vm.spec.kernel else None,
+                initrd_volume=self._volumes.key_of_path(vm.spec.initrd) if vm.spec.initrd else None,
+            )
+            progress(0.0, f"preparing {req.remote}")
+            t0 = time.monotonic()
+            ready = IncomingReady.model_validate(
+                await self._remotes.request(req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json"))
+            )
+            was_running = vm.state is VmState.RUNNING
+            mon = vm.monitor
+            tls_dir = vm.paths.run_dir / "migration-tls"
+            jobs: list[str] = []
+            try:
+                shutil.rmtree(tls_dir, ignore_errors=True)
+                qmig.write_psk(tls_dir, ready.psk, vm.uid if vm.uid is not None else 0)
+                await _qmp(qmig.add_tls(mon, tls_dir, endpoint="client"))
+                progress(0.05, "copying disks")
+                tops = await _qmp(blocksnap.top_nodes(mon, [d.name for d in disks]))
+                jobs = await _qmp(qmig.mirror(mon, tops, host, ready.nbd_port, ready.exports))
+                crashpoint("migrate-mirrored")
+                progress(0.3, "moving RAM")
+
+                def report(info: dict[str, Any]) -> None:
+                    ram = info.get("ram") or {}
+                    total, left = ram.get("total") or 0, ram.get("remaining") or 0
+                    done = (total - left) / total if total else 0.0
+                    rate = ram.get("dirty-pages-rate", 0)
+                    progress(0.3 + 0.65 * done, f"RAM {ram.get('transferred', 0) >> 20} MiB sent, "
+                             f"{left >> 20} MiB left, dirtying {rate} pages/s")  # fmt: skip
+
+                bandwidth = req.bandwidth_mib_s * 1024 * 1024 if req.bandwidth_mib_s else MAX_BANDWIDTH
+                info = await _qmp(
+                    qmig.migrate(mon, host, ready.migration_port, max_bandwidth=bandwidth,
+                                 downtime_limit_ms=req.max_downtime_ms, progress=report, timeout_s=MIGRATION_TIMEOUT_S)
+                )  # fmt: skip
+                await qmig.stop_mirrors(mon, jobs, [d.name for d in disks])
+                jobs = []
+                crashpoint("migrate-sent")
+                await self._remotes.request(
+                    req.remote, "POST", f"/v1/migrations/{ready.id}/finish", {"running": was_running}
+                )
+            except BaseException as e:
+                await self._undo_source(vm, mon, jobs, [d.name for d in disks], was_running)
+                with contextlib.suppress(Exception):
+                    await self._remotes.request(req.remote, "DELETE", f"/v1/migrations/{ready.id}")
+                shutil.rmtree(tls_dir, ignore_errors=True)
+                if isinstance(e, (VmkitError, asyncio.CancelledError)):
+                    raise
+                raise VmkitError(f"migration of {name!r} to {req.remote} failed: {e}") from e
+            # The guest runs on the destination now: this copy goes, with its disks.
+            await self._vms.halt(vm)
+            shutil.rmtree(tls_dir, ignore_errors=True)
+        await self._vms.delete(name)
+        progress(1.0, f"running on {req.remote}")
+        return {
+            "vm": name,
+            "remote": req.remote,
+            "total_s": round(time.monotonic() - t0, 3),
+            "downtime_ms": info.get("downtime"),
+            "ram_transferred_bytes": (info.get("ram") or {}).get("transferred"),
+        }
+
+    async def _undo_source(
+        self, vm: VmRuntime, mon: Monitor, jobs: list[str], disks: list[str], was_running: bool
+    ) -> None:
+        """Back to as it was: the migration cancelled, mirrors and NBD nodes gone, TLS dropped, the guest running
+        (a completed migration leaves the source paused, in postmigrate)."""
+        with contextlib.suppress(Exception):
+            await mon.execute("migrate_cancel")
+        await qmig.stop_mirrors(mon, jobs, disks)
+        await qmig.drop_tls(mon)
+        if was_running:
+            with contextlib.suppress(Exception):
+                await mon.cont()
+
+    # ----- destination ---------------------------------------------------------------------------
+    async def prepare(self, req: IncomingMigration) -> IncomingReady:
+        spec = req.spec
+        if any(v.spec.name == spec.name for v in self._vms.runtimes()):
+            raise Conflict(f"a VM named {spec.name!r} already exists here")
+        if any(v.spec.uuid == spec.uuid for v in self._vms.runtimes()):
+            raise Conflict(f"a VM with UUID {spec.uuid} already exists here")
+        missing = sorted({n.network for n in spec.nics if n.network and not self._networks.exists(n.network)})
+        if missing:
+            raise Conflict(f"network(s) {', '.join(missing)} do not exist here; create them first")
+        available = _available_memory_mib()
+        if available and spec.memory_mib > available:
+            raise Conflict(f"not enough memory here for {spec.memory_mib} MiB ({available} MiB available)")
+        kernel = self._image_path(req.kernel_volume, "kernel") if spec.kernel else None
+        initrd = self._image_path(req.initrd_volume, "initrd") if spec.initrd else None
+        if req.host not in await asyncio.to_thread(_local_addresses):  # pyroute2's sync API runs a loop of its own
+            raise InvalidInput(f"{req.host} is no address of this host")
+        made: list[str] = []
+        mid = uuid.uuid4().hex
+        try:
+            disks = []
+            for d in req.disks:
+                old = spec.disk(d.disk)
+                if old is None:
+                    raise InvalidInput(f"the VM has no disk {d.disk}")
+                name = self._volumes.free_name(DEFAULT_POOL, f"{spec.name}-{d.disk}", f".{d.format}")
+                info = await self._volumes.create(
+                    DEFAULT_POOL, CreateVolume(name=name, size_bytes=d.size_bytes, format=d.format)
+                )
+                made.append(info.key)
+                disks.append(DiskSpec(name=d.disk, path=info.path, format=d.format, volume=info.key,
+                                      iops_total=old.iops_total, bps_total=old.bps_total))  # fmt: skip
+            new = spec.model_copy(update={"disks": disks, "kernel": kernel, "initrd": initrd, "bases": [],
+                                          "cdroms": [c.model_copy(update={"path": None, "volume": None})
+                                                     for c in spec.cdroms]})  # fmt: skip
+            await self._vms.define(new)
+            self._store.set_journal(new.name, {"op": "incoming", "id": mid, "volumes": made})
+        except BaseException:
+            for key in made:
+                self._volumes.discard(key)
+            raise
+        vm = self._vms.runtime(new.name)
+        psk = secrets.token_hex(32)
+        ports: dict[str, int] = {}
+        tls_dir = vm.paths.vm_dir / "migration-tls"
+        listener = socket.create_server((req.host, 0), family=_family(req.host))
+
+        async def ready(mon: Monitor) -> None:
+            shutil.rmtree(tls_dir, ignore_errors=True)
+            qmig.write_psk(tls_dir, psk, vm.uid if vm.uid is not None else 0)
+            await qmig.add_tls(mon, tls_dir, endpoint="server")
+            await qmig.serve_disks(mon, listener, {d.name: d.name for d in disks})
+            ports["nbd"] = listener.getsockname()[1]
+            ports["migration"] = await qmig.listen_migration(mon, req.host)
+
+        try:
+            async with vm.lock:
+                vm.paths.vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                await self._vms.boot(vm, incoming=ready)
+        except BaseException:
+            await self._drop_incoming(vm)
+            raise
+        finally:
+            listener.close()
+        self._incoming[mid] = new.name
+        self._watchers.spawn(self._watch(mid, vm))
+        crashpoint("incoming-ready")
+        return IncomingReady(id=mid, migration_port=ports["migration"], nbd_port=ports["nbd"],
+                             exports={d.name: d.name for d in disks}, psk=psk)  # fmt: skip
+
+    async def _watch(self, mid: str, vm: VmRuntime) -> None:
+        """Drop an incoming VM nobody finishes: its QEMU gave up (a failed incoming migration ends it), or nothing
+        has arrived for INCOMING_STALL_S (the source or the link died: it can no longer tell us to abort)."""
+        last, since = -1, asyncio.get_running_loop().time()
+        while mid in self._incoming:
+            await asyncio.sleep(1.0)
+            if mid not in self._incoming:
+                return
+            mon = vm.monitor
+            try:
+                info = await mon.execute("query-migrate", timeout_s=5) if mon is not None else {}
+            except Exception:  # noqa: BLE001 - QEMU gone or not answering: the VM cannot come any more
+                info = {"status": "failed"}
+            status = info.get("status")
+            if status == "completed":
+                continue  # the source's finish comes next
+            moved = int((info.get("ram") or {}).get("transferred") or 0)
+            now = asyncio.get_running_loop().time()
+            if moved != last:
+                last, since = moved, now
+            if status in ("failed", "cancelled") or vm.proc is None or now - since > incoming_stall_s():
+                log.warning("incoming VM %s: %s; removing it", vm.spec.name, status or "no progress")
+                self._incoming.pop(mid, None)
+                with contextlib.suppress(VmkitError):
+                    await self._drop_incoming(vm)
+                return
+
+    def _image_path(self, key: str | None, what: str) -> str:
+        if key is None:
+            raise Conflict(f"the VM boots a {what} that is no volume on the source: it cannot move")
+        try:
+            return str(self._volumes.path(self._volumes.row(key).key))
+        except NotFound:
+            raise Conflict(f"the {what} volume {key} is not here: build or import the same image here first") from None
+
+    async def finish(self, mid: str, req: FinishIncoming) -> VmInfo:
+        """The source says the migration completed: serve no more disks, run the guest, keep the VM."""
+        vm = self._incoming_vm(mid)
+        async with vm.lock:
+            if vm.monitor is None:
+                raise Conflict(f"the QEMU of incoming VM {vm.spec.name!r} is gone")
+            status = await _qmp(_incoming_status(vm.monitor))
+            if status != "completed":
+                raise Conflict(f"the migration has not completed here (QEMU says {status})")
+            await _qmp(qmig.finish_incoming(vm.monitor, run=req.running))
+            await qmig.drop_tls(vm.monitor)
+            shutil.rmtree(vm.paths.vm_dir / "migration-tls", ignore_errors=True)
+            self._vms.set_state(vm, VmState.RUNNING if req.running else VmState.PAUSED, "migrated")
+            self._store.set_journal(vm.spec.name, None)
+            del self._incoming[mid]
+            return vm.info()
+
+    async def abort(self, mid: str) -> None:
+        vm = self._incoming_vm(mid)
+        del self._incoming[mid]
+        await self._drop_incoming(vm)
+
+    def _incoming_vm(self, mid: str) -> VmRuntime:
+        name = self._incoming.get(mid)
+        if name is None:
+            raise NotFound(f"no incoming migration {mid!r} here")
+        return self._vms.runtime(name)
+
+    async def _drop_incoming(self, vm: VmRuntime) -> None:
+        """Remove a VM that was coming and never ran here: its QEMU, definition and new disks."""
+        async with vm.lock:
+            await self._vms.halt(vm)
+            shutil.rmtree(vm.paths.vm_dir / "migration-tls", ignore_errors=True)
+        await self._vms.delete(vm.spec.name)
+        self._store.set_journal(vm.spec.name, None)
+
+    async def recover(self) -> None:
+        """A destination daemon that died with a VM still coming: that VM never ran here; remove it."""
+        await journal.recover(self._store, self._vms, ("incoming",), lambda vm, _: self._drop_incoming(vm))
+
+
+def incoming_stall_s() -> float:
+    """How long an incoming migration may go without a byte arriving (VMKIT_INCOMING_STALL_S; tests shorten it)."""
+    return float(os.environ.get("VMKIT_INCOMING_STALL_S", "120"))
+
+
+async def _incoming_status(mon: Monitor) -> str:
+    """The incoming migration's status here; it may take a moment after the source's to say completed."""
+    for _ in range(50):
+        status = str((await mon.execute("query-migrate")).get("status", "none"))
+        if status in ("completed", "failed", "cancelled"):
+            return status
+        await asyncio.sleep(0.1)
+    return status
+
+
+def _available_memory_mib() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return _host_memory_mib()
+
+
+def _local_addresses() -> set[str]:
+    """The addresses of this network namespace's interfaces (where a QEMU here can listen)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return {str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()}
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
