@@ -53,6 +53,11 @@ def test_live_migration_with_its_disk_copied(hosts: tuple[Daemon, Daemon, Netns]
     write_marker(a, "mig", "BEFORE")
     start_counter(a, "mig")
     before = counter(a, "mig")
+    a.cli("vm", "autostart", "mig", "on")
+    j(a, "snapshot", "create", "mig", "s1", "--disk-only")
+    res = a.cli("vm", "migrate", "mig", "b", "--copy-storage", check=False)
+    assert res.returncode != 0 and "snapshots" in res.stderr  # they cannot follow yet
+    a.cli("snapshot", "delete", "mig", "s1")
     uuid, macs = a.vm("mig")["uuid"], [n["mac"] for n in a.vm("mig")["nics"]]
     out = j(a, "vm", "migrate", "mig", "b", "--copy-storage")
     assert out["remote"] == "b" and out["downtime_ms"] is not None
@@ -60,6 +65,7 @@ def test_live_migration_with_its_disk_copied(hosts: tuple[Daemon, Daemon, Netns]
     assert not [v for v in j(a, "volume", "list", "default") if v["key"].startswith("default/mig-")]
     there = b.vm("mig")
     assert there["state"] == "running" and there["uuid"] == uuid and [n["mac"] for n in there["nics"]] == macs
+    assert there["autostart"]
     running_with_agent(b, "mig")
     after = counter(b, "mig")
     assert after >= before  # no reset: the same process, still counting
@@ -147,3 +153,24 @@ def test_cancel_link_cut_and_a_dying_destination(hosts: tuple[Daemon, Daemon, Ne
     assert counter(b, "slow") >= marker_before
     b.cli("vm", "stop", "slow", "--force")
     b.cli("vm", "delete", "slow")
+
+
+def test_offline_migration_of_a_shut_off_vm(hosts: tuple[Daemon, Daemon, Netns]) -> None:
+    a, b, _ = hosts
+    boot(a, "cold", "--network", "user", "--disk", "16M")
+    running_with_agent(a, "cold")
+    write_marker(a, "cold", "COLD")
+    res = a.cli("vm", "migrate", "cold", "b", "--offline", check=False)
+    assert res.returncode != 0 and "shut off" in res.stderr  # it runs
+    a.cli("vm", "shutdown", "cold", "--timeout", "60", "--force")
+    out = j(a, "vm", "migrate", "cold", "b", "--offline")
+    assert out["offline"] and "cold" not in [v["name"] for v in j(a, "vm", "list")]
+    assert not [v for v in j(a, "volume", "list", "default") if v["key"].startswith("default/cold-")]
+    there = b.vm("cold")
+    assert there["state"] == "shut off" and len(there["disks"]) == 2
+    assert all(j(b, "volume", "info", d["volume"])["backing"] is None for d in there["disks"])  # flattened
+    b.cli("vm", "start", "cold")
+    running_with_agent(b, "cold")
+    assert marker(b, "cold") == "COLD"
+    b.cli("vm", "stop", "cold", "--force")
+    b.cli("vm", "delete", "cold")

@@ -49,8 +49,10 @@ class IncomingMigration(BaseModel):
     spec: VmSpec
     autostart: bool = False
     disks: Annotated[list[IncomingDisk], Field(max_length=64)] = Field(default_factory=list)
-    # The destination's address as the source reaches it: where its QEMU listens for the streams.
-    host: Annotated[str, Field(max_length=255)]
+    # The destination's address as the source reaches it: where its QEMU listens for the streams (live only).
+    host: Annotated[str | None, Field(max_length=255)] = None
+    # Offline: the disks' volumes here (uploaded by the source beforehand), disk → POOL/NAME; nothing runs.
+    volumes: dict[str, VolumeKey] | None = None
     # The images pool volumes the VM boots from (direct kernel boot), found on the destination by name.
     kernel_volume: VolumeKey | None = None
     initrd_volume: VolumeKey | None = None
@@ -60,10 +62,10 @@ class IncomingReady(BaseModel):
     """What the destination answers: where its QEMU listens, and the key of both TLS streams."""
 
     id: str
-    migration_port: int
-    nbd_port: int
-    exports: dict[str, str]  # disk → NBD export name
-    psk: str  # hex
+    migration_port: int = 0
+    nbd_port: int = 0
+    exports: dict[str, str] = Field(default_factory=dict)  # disk → NBD export name
+    psk: str = ""  # hex; live only
 
 
 class FinishIncoming(BaseModel):

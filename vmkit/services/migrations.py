@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from vmkit.errors import Conflict, InvalidInput, NotFound, VmkitError
 from vmkit.model.migration import FinishIncoming, IncomingDisk, IncomingMigration, IncomingReady, MigrateVm
-from vmkit.model.storage import DEFAULT_POOL, CreateVolume
+from vmkit.model.storage import DEFAULT_POOL, CloneVolume, CreateVolume, split_volume
 from vmkit.model.vm import DiskSpec, VmInfo, VmState
 from vmkit.qemu import blocksnap
 from vmkit.qemu import migrate as qmig
@@ -37,7 +37,7 @@ from vmkit.qemu.savevm import MAX_BANDWIDTH
 from vmkit.services import journal
 from vmkit.services.networks import NetworkService
 from vmkit.services.operations import Progress
-from vmkit.services.remotes import RemoteService
+from vmkit.services.remotes import RemoteService, remote_error
 from vmkit.services.vms import VmRuntime, VmService, _host_memory_mib, _qmp
 from vmkit.services.volumes import VolumeService
 from vmkit.store.db import Store
@@ -71,8 +71,13 @@ class MigrationService:
         """Refuse up front what cannot work: no such VM or remote, the wrong state for the kind asked."""
         vm = self._vms.runtime(name)
         self._remotes.info(req.remote)
+        if self._store.snapshots(name):
+            # The copy of a disk is flat (its chain and internal snapshots stay here): they cannot follow yet.
+            raise Conflict(f"VM {name!r} has snapshots, which cannot move with it yet: delete them first")
         if req.offline:
-            raise InvalidInput("offline migration is not there yet: migrate it running (--copy-storage)")
+            if vm.state.active or vm.proc is not None or vm.state is VmState.SAVED:
+                raise Conflict(f"VM {name!r} is {vm.state}; an offline migration needs it shut off")
+            return
         if vm.state not in (VmState.RUNNING, VmState.PAUSED):
             raise Conflict(f"VM {name!r} is {vm.state}; a live migration needs it running or paused")
         if not req.copy_storage:
@@ -104,7 +109,85 @@ class MigrationService:
         finally:
             del self._outgoing[name]
 
+    def _incoming_body(self, vm: VmRuntime, **extra: Any) -> IncomingMigration:
+        spec = vm.spec
+        disks = [
+            IncomingDisk(disk=d.name, size_bytes=self._volumes.info(d.volume or "").capacity_bytes,
+                         format="qcow2" if d.format == "qcow2" else "raw")
+            for d in spec.disks
+            if d.volume
+        ]  # fmt: skip
+        return IncomingMigration(
+            spec=spec,
+            autostart=vm.autostart,
+            disks=disks,
+            kernel_volume=self._volumes.key_of_path(spec.kernel) if spec.kernel else None,
+            initrd_volume=self._volumes.key_of_path(spec.initrd) if spec.initrd else None,
+            **extra,
+        )
+
+    async def _offline(self, name: str, req: MigrateVm, progress: Progress) -> dict[str, Any]:
+        """A shut-off VM: each disk sent whole (an overlay flattened first) over the destination's API (the
+        upload `volume import` uses), then the VM defined there and removed here."""
+        vm = self._vms.runtime(name)
+        t0 = time.monotonic()
+        async with vm.lock:
+            self.check(name, req)
+            client = self._remotes.client(req.remote, timeout_s=MIGRATION_TIMEOUT_S)
+            sent: dict[str, str] = {}
+            temps: list[str] = []
+            disks = [d for d in vm.spec.disks if d.volume]
+            try:
+                for i, d in enumerate(disks):
+                    key = d.volume or ""
+                    row = self._volumes.row(key)
+                    ext = ".qcow2" if row.format == "qcow2" else ".raw"
+                    if row.backing:  # one standalone image goes, not a chain
+                        pool = split_volume(key)[0]
+                        flat = f"{pool}/{self._volumes.free_name(pool, f'{name}-{d.name}-migrating', ext)}"
+                        await self._volumes.clone(key, CloneVolume(target=flat), frozen=True)
+                        temps.append(flat)
+                        key = flat
+                    target = f"{name}-{d.name}{ext}"
+                    await self._send(client, req.remote, self._volumes.path(key), target, progress, i, len(disks))
+                    sent[d.name] = f"{DEFAULT_POOL}/{target}"
+                crashpoint("migrate-offline-sent")
+                body = self._incoming_body(vm, volumes=sent)
+                await self._remotes.request(req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json"))
+            except BaseException:
+                for key in sent.values():
+                    with contextlib.suppress(Exception):
+                        await self._remotes.request(req.remote, "DELETE", f"/v1/pools/{key.replace('/', '/volumes/')}")
+                raise
+            finally:
+                for key in temps:
+                    self._volumes.discard(key)
+        await self._vms.delete(name)
+        progress(1.0, f"defined on {req.remote}")
+        return {"vm": name, "remote": req.remote, "total_s": round(time.monotonic() - t0, 3), "downtime_ms": None,
+                "offline": True}  # fmt: skip
+
+    async def _send(
+        self, client: Any, remote: str, path: Path, target: str, progress: Progress, i: int, n: int
+    ) -> None:
+        """Upload the image at path into the remote's default pool as `target` (streamed, never held whole)."""
+
+        def report(f: float) -> None:
+            progress((i + f) / max(n, 1) * 0.95, f"sending {target}")
+
+        def send() -> Any:
+            with open(path, "rb") as f:
+                url = f"/v1/pools/{DEFAULT_POOL}/volumes/{target}/upload"
+                return client.upload(url, f, os.fstat(f.fileno()).st_size, report)
+
+        try:
+            await asyncio.to_thread(send)
+        except Exception as e:
+            raise remote_error(remote, e) from e
+
     async def _migrate(self, name: str, req: MigrateVm, progress: Progress) -> dict[str, Any]:
+        if req.offline:
+            return await self._offline(name, req, progress)
         vm = self._vms.runtime(name)
         url = self._remotes.info(req.remote).url
         host = urlsplit(url).hostname or ""
@@ -112,21 +195,7 @@ class MigrationService:
             if vm.monitor is None or vm.proc is None:
                 raise Conflict(f"VM {name!r} is not running")
             disks = [d for d in vm.spec.disks if d.volume]
-            body = IncomingMigration(
-                spec=vm.spec,
-                autostart=vm.autostart,
-                disks=[
-                    IncomingDisk(
-                        disk=d.name,
-                        size_bytes=self._volumes.info(d.volume or "").capacity_bytes,
-                        format="qcow2" if d.format == "qcow2" else "raw",
-                    )
-                    for d in disks
-                ],  # fmt: skip
-                host=host,
-                kernel_volume=self._volumes.key_of_path(vm.spec.kernel) if vm.spec.kernel else None,
-                initrd_volume=self._volumes.key_of_path(vm.spec.initrd) if vm.spec.initrd else None,
-            )
+            body = self._incoming_body(vm, host=host)
             progress(0.0, f"preparing {req.remote}")
             t0 = time.monotonic()
             ready = IncomingReady.model_validate(
@@ -214,8 +283,13 @@ class MigrationService:
             raise Conflict(f"not enough memory here for {spec.memory_mib} MiB ({available} MiB available)")
         kernel = self._image_path(req.kernel_volume, "kernel") if spec.kernel else None
         initrd = self._image_path(req.initrd_volume, "initrd") if spec.initrd else None
-        if req.host not in await asyncio.to_thread(_local_addresses):  # pyroute2's sync API runs a loop of its own
-            raise InvalidInput(f"{req.host} is no address of this host")
+        if req.volumes is not None:
+            return await self._define_offline(req, kernel, initrd)
+        if req.host is None:
+            raise InvalidInput("give the address to listen on (host), or the volumes of an offline migration")
+        host = req.host
+        if host not in await asyncio.to_thread(_local_addresses):  # pyroute2's sync API runs a loop of its own
+            raise InvalidInput(f"{host} is no address of this host")
         made: list[str] = []
         mid = uuid.uuid4().hex
         try:
@@ -236,6 +310,8 @@ class MigrationService:
                                                      for c in spec.cdroms]})  # fmt: skip
             await self._vms.define(new)
             self._store.set_journal(new.name, {"op": "incoming", "id": mid, "volumes": made})
+            if req.autostart:
+                await self._vms.set_autostart(new.name, True)
         except BaseException:
             for key in made:
                 self._volumes.discard(key)
@@ -244,7 +320,7 @@ class MigrationService:
         psk = secrets.token_hex(32)
         ports: dict[str, int] = {}
         tls_dir = vm.paths.vm_dir / "migration-tls"
-        listener = socket.create_server((req.host, 0), family=_family(req.host))
+        listener = socket.create_server((host, 0), family=_family(host))
 
         async def ready(mon: Monitor) -> None:
             shutil.rmtree(tls_dir, ignore_errors=True)
@@ -252,7 +328,7 @@ class MigrationService:
             await qmig.add_tls(mon, tls_dir, endpoint="server")
             await qmig.serve_disks(mon, listener, {d.name: d.name for d in disks})
             ports["nbd"] = listener.getsockname()[1]
-            ports["migration"] = await qmig.listen_migration(mon, req.host)
+            ports["migration"] = await qmig.listen_migration(mon, host)
 
         try:
             async with vm.lock:
@@ -295,6 +371,27 @@ class MigrationService:
                 with contextlib.suppress(VmkitError):
                     await self._drop_incoming(vm)
                 return
+
+    async def _define_offline(self, req: IncomingMigration, kernel: str | None, initrd: str | None) -> IncomingReady:
+        """An offline migration's VM: its disks are the volumes the source uploaded here."""
+        volumes = req.volumes or {}
+        disks = []
+        for d in req.spec.disks:
+            key = volumes.get(d.name)
+            if key is None:
+                raise InvalidInput(f"no volume given for disk {d.name}")
+            row = self._volumes.row(key)
+            if row.format not in ("raw", "qcow2") or row.backing:
+                raise InvalidInput(f"{key} is not a standalone disk image")
+            disks.append(d.model_copy(update={"volume": row.key, "path": str(self._volumes.path(row.key)),
+                                              "format": row.format, "owned": True, "readonly": False}))  # fmt: skip
+        spec = req.spec.model_copy(update={"disks": disks, "kernel": kernel, "initrd": initrd, "bases": [],
+                                           "cdroms": [c.model_copy(update={"path": None, "volume": None})
+                                                      for c in req.spec.cdroms]})  # fmt: skip
+        await self._vms.define(spec)
+        if req.autostart:
+            await self._vms.set_autostart(spec.name, True)
+        return IncomingReady(id=uuid.uuid4().hex)
 
     def _image_path(self, key: str | None, what: str) -> str:
         if key is None:
