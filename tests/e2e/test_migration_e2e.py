@@ -174,3 +174,22 @@ def test_offline_migration_of_a_shut_off_vm(hosts: tuple[Daemon, Daemon, Netns])
     assert marker(b, "cold") == "COLD"
     b.cli("vm", "stop", "cold", "--force")
     b.cli("vm", "delete", "cold")
+
+
+def test_the_autopilot_gives_up_cleanly_on_a_guest_outrunning_the_link(hosts: tuple[Daemon, Daemon, Netns]) -> None:
+    a, b, _ = hosts
+    boot(a, "busy", "--network", "user")
+    running_with_agent(a, "busy")
+    # Rewrites 32 MiB of its RAM (a tmpfs) over and over with random bytes (zero pages would cost QEMU nothing to
+    # send): far more than 8 MiB/s gets across.
+    a.cli("vm", "exec", "busy", "--", "sh", "-c", "head -c 33554432 /dev/urandom > /run/src", timeout_s=120)
+    dirty = "while true; do cp /run/src /run/dirty; done"
+    a.cli("vm", "exec", "busy", "--", "sh", "-c", f"({dirty}) </dev/null >/dev/null 2>&1 &")
+    args = ("vm", "migrate", "busy", "b", "--copy-storage", "--bandwidth", "8", "--max-downtime-ms", "100")
+    res = a.cli(*args, check=False, timeout_s=300)
+    assert res.returncode != 0 and "did not converge" in res.stderr, res.stderr
+    assert a.vm("busy")["state"] == "running"
+    nothing_there(b)
+    running_with_agent(a, "busy")
+    a.cli("vm", "stop", "busy", "--force")
+    a.cli("vm", "delete", "busy")

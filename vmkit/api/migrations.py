@@ -50,6 +50,12 @@ async def finish_migration(mid: MigrationId, req: FinishIncoming, svc: Svc) -> V
     return await svc.migrations.finish(mid, req)
 
 
+@router.post("/migrations/{mid}/alive", status_code=204)
+async def migration_alive(mid: MigrationId, svc: Svc) -> None:
+    """(Called by the source daemon every second while it migrates.) Without it the destination gives up."""
+    await svc.migrations.heartbeat(mid)
+
+
 @router.delete("/migrations/{mid}", status_code=204)
 async def abort_migration(mid: MigrationId, svc: Svc) -> None:
     """(Called by the source daemon when it gives up.) Remove the VM that was coming, and its disks."""

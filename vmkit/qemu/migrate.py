@@ -22,11 +22,12 @@ import contextlib
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmkit.qemu.monitor import EV_JOB_STATUS_CHANGE, Monitor
-from vmkit.qemu.savevm import EV_MIGRATION, enable_events, ended, wait_end
+from vmkit.qemu.savevm import EV_MIGRATION, MigrationFailed, enable_events, ended, wait_end
 
 TLS_ID = "vmkit-mig-tls"
 NBD_FD = "vmkit-nbd"
@@ -123,34 +124,89 @@ async def mirror(mon: Monitor, disks: dict[str, str], host: str, port: int, expo
     return jobs
 
 
+@dataclass
+class Autopilot:
+    """What libvirt leaves to its user: while the guest dirties memory faster than the link carries it (the RAM
+    left to send stops shrinking for `patience_s`), allow a longer pause at the switch-over, doubling the downtime
+    limit from `start_ms` up to `max_ms`; still stuck at the limit, give up (the caller cancels cleanly)."""
+
+    start_ms: int
+    max_ms: int
+    patience_s: float = 2.0
+    limit_ms: int = 0
+    _best: int | None = None
+    _since: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.limit_ms = min(self.start_ms, self.max_ms)
+
+    def decide(self, info: dict[str, Any], now: float) -> int | None:
+        """A new downtime limit to set, GIVE_UP, or None (nothing to do), from a query-migrate answer."""
+        ram = info.get("ram") or {}
+        if info.get("status") != "active" or int(ram.get("dirty-sync-count") or 0) < 2:
+            self._since = now  # the first pass over RAM sends it all: nothing to judge yet
+            return None
+        left = int(ram.get("remaining") or 0)
+        if self._best is None or left < self._best:  # still converging
+            self._best, self._since = left, now
+            return None
+        if now - self._since < self.patience_s:
+            return None
+        self._since, self._best = now, left
+        if self.limit_ms >= self.max_ms:
+            return GIVE_UP
+        self.limit_ms = min(self.max_ms, self.limit_ms * 2)
+        return self.limit_ms
+
+
+GIVE_UP = -1
+
+
 async def migrate(
     mon: Monitor,
     host: str,
     port: int,
     *,
     max_bandwidth: int,
-    downtime_limit_ms: int,
+    autopilot: Autopilot,
     progress: Callable[[dict[str, Any]], None],
     timeout_s: float,
 ) -> dict[str, Any]:
     """Source: send the guest's RAM and device state (TLS); returns query-migrate's final answer. Raises
-    MigrationError (QEMU's reason) when it fails or is cancelled."""
+    MigrationError (QEMU's reason) when it fails or is cancelled, or when the autopilot gave up."""
     await enable_events(mon)
     params = {"tls-creds": TLS_ID, "tls-hostname": "", "max-bandwidth": max_bandwidth,
-              "downtime-limit": downtime_limit_ms}  # fmt: skip
+              "downtime-limit": autopilot.limit_ms}  # fmt: skip
     await mon.execute("migrate-set-parameters", params)
     shown = f"[{host}]" if ":" in host else host
+    gave_up = False
+    loop = asyncio.get_running_loop()
     with mon.expect_event(EV_MIGRATION, ended) as done:
         await mon.execute("migrate", {"uri": f"tcp:{shown}:{port}"})
         task = asyncio.ensure_future(wait_end(mon, done, timeout_s))
         try:
             while not task.done():
                 with contextlib.suppress(Exception):
-                    progress(await mon.execute("query-migrate"))
+                    info = await mon.execute("query-migrate")
+                    progress(info)
+                    step = autopilot.decide(info, loop.time())
+                    if step == GIVE_UP and not gave_up:
+                        gave_up = True
+                        await mon.execute("migrate_cancel")
+                    elif step is not None and step > 0:
+                        await mon.execute("migrate-set-parameters", {"downtime-limit": step})
                 await asyncio.wait({task}, timeout=0.2)
-            info = task.result()
+            try:
+                info = task.result()
+            except MigrationFailed as e:
+                info = {"status": "cancelled" if gave_up else "failed", "error-desc": str(e)}
         finally:
             task.cancel()
+    if gave_up and info.get("status") != "completed":
+        raise MigrationError(
+            f"it did not converge: the guest dirties its memory faster than the link carries it, even allowing "
+            f"{autopilot.max_ms} ms of downtime (raise --max-downtime-ms or --bandwidth, or quieten the guest)"
+        )
     if info.get("status") != "completed":
         raise MigrationError(str(info.get("error-desc") or info.get("status")))
     return info

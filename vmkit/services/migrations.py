@@ -47,6 +47,8 @@ from vmkit.util.tasks import TaskSet
 log = logging.getLogger(__name__)
 
 MIGRATION_TIMEOUT_S = 24 * 3600.0
+HEARTBEAT_S = 1.0  # how often the source tells the destination it is still at it
+START_DOWNTIME_MS = 50  # the autopilot's first downtime limit (raised up to the request's max_downtime_ms)
 
 
 def _no_progress(fraction: float, message: str) -> None:
@@ -65,6 +67,7 @@ class MigrationService:
         self._incoming: dict[str, str] = {}  # migration id → VM name (destination side)
         self._outgoing: dict[str, asyncio.Task[Any]] = {}  # VM name → the task migrating it (source side)
         self._watchers = TaskSet()
+        self._alive: dict[str, float] = {}  # migration id → when its source last said it is still at it
 
     # ----- source --------------------------------------------------------------------------------
     def check(self, name: str, req: MigrateVm) -> None:
@@ -201,6 +204,7 @@ class MigrationService:
             ready = IncomingReady.model_validate(
                 await self._remotes.request(req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json"))
             )
+            beat = asyncio.create_task(self._beat(req.remote, ready.id))
             was_running = vm.state is VmState.RUNNING
             mon = vm.monitor
             tls_dir = vm.paths.run_dir / "migration-tls"
@@ -224,9 +228,11 @@ class MigrationService:
                              f"{left >> 20} MiB left, dirtying {rate} pages/s")  # fmt: skip
 
                 bandwidth = req.bandwidth_mib_s * 1024 * 1024 if req.bandwidth_mib_s else MAX_BANDWIDTH
+                # The pause at the switch-over starts short and grows only while the guest outruns the link.
+                autopilot = qmig.Autopilot(start_ms=START_DOWNTIME_MS, max_ms=req.max_downtime_ms)
                 info = await _qmp(
-                    qmig.migrate(mon, host, ready.migration_port, max_bandwidth=bandwidth,
-                                 downtime_limit_ms=req.max_downtime_ms, progress=report, timeout_s=MIGRATION_TIMEOUT_S)
+                    qmig.migrate(mon, host, ready.migration_port, max_bandwidth=bandwidth, autopilot=autopilot,
+                                 progress=report, timeout_s=MIGRATION_TIMEOUT_S)
                 )  # fmt: skip
                 await qmig.stop_mirrors(mon, jobs, [d.name for d in disks])
                 jobs = []
@@ -242,6 +248,8 @@ class MigrationService:
                 if isinstance(e, (VmkitError, asyncio.CancelledError)):
                     raise
                 raise VmkitError(f"migration of {name!r} to {req.remote} failed: {e}") from e
+            finally:
+                beat.cancel()
             # The guest runs on the destination now: this copy goes, with its disks.
             await self._vms.halt(vm)
             shutil.rmtree(tls_dir, ignore_errors=True)
@@ -254,6 +262,13 @@ class MigrationService:
             "downtime_ms": info.get("downtime"),
             "ram_transferred_bytes": (info.get("ram") or {}).get("transferred"),
         }
+
+    async def _beat(self, remote: str, mid: str) -> None:
+        """Tell the destination every HEARTBEAT_S that this migration goes on (see _watch)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            with contextlib.suppress(VmkitError):
+                await self._remotes.request(remote, "POST", f"/v1/migrations/{mid}/alive", {}, timeout_s=HEARTBEAT_S)
 
     async def _undo_source(
         self, vm: VmRuntime, mon: Monitor, jobs: list[str], disks: list[str], was_running: bool
@@ -345,32 +360,35 @@ class MigrationService:
         return IncomingReady(id=mid, migration_port=ports["migration"], nbd_port=ports["nbd"],
                              exports={d.name: d.name for d in disks}, psk=psk)  # fmt: skip
 
+    async def heartbeat(self, mid: str) -> None:
+        """The source is still at it (it says so every HEARTBEAT_S while the migration runs)."""
+        self._incoming_vm(mid)
+        self._alive[mid] = asyncio.get_running_loop().time()
+
     async def _watch(self, mid: str, vm: VmRuntime) -> None:
-        """Drop an incoming VM nobody finishes: its QEMU gave up (a failed incoming migration ends it), or nothing
-        has arrived for INCOMING_STALL_S (the source or the link died: it can no longer tell us to abort)."""
-        last, since = -1, asyncio.get_running_loop().time()
+        """Drop an incoming VM nobody finishes: its QEMU gave up (a failed incoming migration ends it), or the
+        source has not said it is still at it for VMKIT_INCOMING_STALL_S (the source or the link died: it can no
+        longer tell us to abort). The destination's QEMU counts nothing while it receives: hence heartbeats."""
+        loop = asyncio.get_running_loop()
+        self._alive[mid] = loop.time()
         while mid in self._incoming:
             await asyncio.sleep(1.0)
             if mid not in self._incoming:
-                return
+                break
             mon = vm.monitor
             try:
                 info = await mon.execute("query-migrate", timeout_s=5) if mon is not None else {}
             except Exception:  # noqa: BLE001 - QEMU gone or not answering: the VM cannot come any more
                 info = {"status": "failed"}
             status = info.get("status")
-            if status == "completed":
-                continue  # the source's finish comes next
-            moved = int((info.get("ram") or {}).get("transferred") or 0)
-            now = asyncio.get_running_loop().time()
-            if moved != last:
-                last, since = moved, now
-            if status in ("failed", "cancelled") or vm.proc is None or now - since > incoming_stall_s():
-                log.warning("incoming VM %s: %s; removing it", vm.spec.name, status or "no progress")
+            silent = loop.time() - self._alive.get(mid, 0.0) > incoming_stall_s()
+            if status in ("failed", "cancelled") or vm.proc is None or silent:
+                log.warning("incoming VM %s: %s; removing it", vm.spec.name, "source silent" if silent else status)
                 self._incoming.pop(mid, None)
                 with contextlib.suppress(VmkitError):
                     await self._drop_incoming(vm)
-                return
+                break
+        self._alive.pop(mid, None)
 
     async def _define_offline(self, req: IncomingMigration, kernel: str | None, initrd: str | None) -> IncomingReady:
         """An offline migration's VM: its disks are the volumes the source uploaded here."""
@@ -444,7 +462,7 @@ class MigrationService:
 
 def incoming_stall_s() -> float:
     """How long an incoming migration may go without a byte arriving (VMKIT_INCOMING_STALL_S; tests shorten it)."""
-    return float(os.environ.get("VMKIT_INCOMING_STALL_S", "120"))
+    return float(os.environ.get("VMKIT_INCOMING_STALL_S", "30"))
 
 
 async def _incoming_status(mon: Monitor) -> str:
