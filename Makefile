@@ -31,3 +31,4 @@ bench: deps
 	.venv/bin/python bench/storage.py
 	.venv/bin/python bench/network.py
 	.venv/bin/python bench/snapshots.py
+	.venv/bin/python bench/migration.py

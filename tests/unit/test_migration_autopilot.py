@@ -44,3 +44,22 @@ def test_nothing_is_judged_during_the_first_pass() -> None:
 def test_a_small_maximum_is_the_start() -> None:
     assert Autopilot(start_ms=50, max_ms=20).limit_ms == 20
     assert Autopilot(start_ms=50, max_ms=20).decide({"status": "setup"}, 0.0) is None
+
+
+def test_the_dh_group_is_rfc_7919_ffdhe2048() -> None:
+    import base64
+    import random
+
+    from vmkit.qemu.migrate import ffdhe2048_pem
+
+    pem = ffdhe2048_pem().decode()
+    assert pem.startswith("-----BEGIN DH PARAMETERS-----\n") and pem.endswith("-----END DH PARAMETERS-----\n")
+    der = base64.b64decode("".join(pem.splitlines()[1:-1]))
+    assert der[:8] == bytes.fromhex("3082010802820101") and der[-3:] == b"\x02\x01\x02"  # SEQUENCE { p, g = 2 }
+    p = int.from_bytes(der[8 : 8 + 257], "big")
+    assert format(p, "X").startswith("FFFFFFFFFFFFFFFFADF85458A2BB4A9AAFDC5620273D3CF1")  # RFC 7919, appendix A.1
+    assert p.bit_length() == 2048 and format(p, "X").endswith("FFFFFFFFFFFFFFFF")
+    rng = random.Random(7)
+    q = (p - 1) // 2
+    for n in (p, q):  # a safe prime (Fermat checks)
+        assert all(pow(rng.randrange(2, n - 1), n - 1, n) == 1 for _ in range(5))
