@@ -55,7 +55,6 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,13 +70,12 @@ from qemu.qmp import EventListener, QMPClient  # noqa: E402
 
 from bench.concurrent_start import prefault  # noqa: E402
 from bench.network import in_netns  # noqa: E402
-from bench.replay import plain_argv, table  # noqa: E402
+from bench.replay import med, own, plain_argv, stats, table, wait_ready  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402 - the same daemon harness the tests use
-from tests.netns import Netns, daemon_in, namespaces, veth  # noqa: E402
+from tests.netns import Netns, daemon_in, lan  # noqa: E402
 
 VM = "mig"
 MEMORY_MIB = 256
-READY = b"VMKIT-DEMO-READY"
 LAN = "10.78.{}.{}"
 API_PORT = 8443
 NBD_PORT = 10809  # plain QEMU's fixed ports (vmkit's destination binds port 0); nothing else listens there
@@ -139,31 +137,6 @@ def fresh() -> None:
     prefault(PREFAULT_BYTES)
 
 
-def med(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def stats(values: list[float], unit: str = "s", scale: float = 1.0, digits: int = 3) -> str:
-    if not values:
-        return "-"
-    v = [x * scale for x in values]
-    return f"{med(v):.{digits}f} {unit} (min {min(v):.{digits}f}, max {max(v):.{digits}f})"
-
-
-def own(vmkit: list[float], plain: list[float]) -> str:
-    return f"{med(vmkit) - med(plain):+.3f} s" if vmkit and plain else ""
-
-
-def wait_ready(log: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            if READY in log.read_bytes():
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"{READY!r} not seen in {log}")
-
-
 def event_time(ev: dict[str, Any]) -> float:
     """An event's own timestamp (QEMU's wall clock when it emitted it)."""
     ts = ev.get("timestamp") or {}
@@ -173,24 +146,16 @@ def event_time(ev: dict[str, Any]) -> float:
 @contextlib.contextmanager
 def hosts() -> Iterator[tuple[Host, Host]]:
     """Hosts a and b on a LAN of their own, each a remote of the other."""
-    net = os.getpid() % 200 + 20
-    with namespaces("lan", "ha", "hb") as (lan, ha, hb):
-        lan.run(["ip", "link", "add", "br0", "type", "bridge"])
-        lan.run(["ip", "link", "set", "br0", "up"])
-        for ns, port, last in ((ha, "pa", 1), (hb, "pb", 2)):
-            veth(ns, "eth0", lan, port)
-            lan.run(["ip", "link", "set", port, "master", "br0"])
-            ns.run(["ip", "addr", "add", f"{LAN.format(net, last)}/24", "dev", "eth0"])
-        a_addr, b_addr = LAN.format(net, 1), LAN.format(net, 2)
-        with (
-            daemon_in(ha, "vmkit-bench-miga-", {"VMKIT_LISTEN": f"{a_addr}:{API_PORT}"}) as a,
-            daemon_in(hb, "vmkit-bench-migb-", {"VMKIT_LISTEN": f"{b_addr}:{API_PORT}"}) as b,
-        ):
-            ha_, hb_ = Host("a", a, ha, a_addr), Host("b", b, hb, b_addr)
-            for src, dst in ((ha_, hb_), (hb_, ha_)):
-                secret = json.loads(dst.d.cli("token", "create", f"from-{src.name}", "--json").stdout)["secret"]
-                src.d.cli("remote", "add", dst.name, f"https://{dst.addr}:{API_PORT}", "--token", secret)
-            yield ha_, hb_
+    with (
+        lan("ha", "hb") as [(ha, a_addr), (hb, b_addr)],
+        daemon_in(ha, "vmkit-bench-miga-", {"VMKIT_LISTEN": f"{a_addr}:{API_PORT}"}) as a,
+        daemon_in(hb, "vmkit-bench-migb-", {"VMKIT_LISTEN": f"{b_addr}:{API_PORT}"}) as b,
+    ):
+        ha_, hb_ = Host("a", a, ha, a_addr), Host("b", b, hb, b_addr)
+        for src, dst in ((ha_, hb_), (hb_, ha_)):
+            secret = json.loads(dst.d.cli("token", "create", f"from-{src.name}", "--json").stdout)["secret"]
+            src.d.cli("remote", "add", dst.name, f"https://{dst.addr}:{API_PORT}", "--token", secret)
+        yield ha_, hb_
 
 
 # ----- vmkit, through the API --------------------------------------------------------------------------------

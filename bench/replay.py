@@ -8,9 +8,12 @@ machine, devices, sandbox, memory, the disk graph — is byte for byte what vmki
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import statistics
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,3 +97,34 @@ def table(title: str, head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) ->
     print(f"\n{title}")
     for r in (head, *rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+READY = b"VMKIT-DEMO-READY"
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def stats(values: list[float], unit: str = "s", scale: float = 1.0, digits: int = 3) -> str:
+    """median (min, max) of values, scaled, for a table cell; "-" for none."""
+    if not values:
+        return "-"
+    v = [x * scale for x in values]
+    return f"{med(v):.{digits}f} {unit} (min {min(v):.{digits}f}, max {max(v):.{digits}f})"
+
+
+def own(vmkit: list[float], plain: list[float]) -> str:
+    """vmkit's median minus plain QEMU's: vmkit's own time."""
+    return f"{med(vmkit) - med(plain):+.3f} s" if vmkit and plain else ""
+
+
+def wait_ready(log: Path, timeout_s: float = 120) -> None:
+    """Until the demo guest's serial log says READY (a start truncates the log first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if READY in log.read_bytes():
+                return
+        time.sleep(0.01)
+    raise TimeoutError(f"{READY!r} not seen in {log}")

@@ -47,7 +47,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,13 +59,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qemu.qmp import EventListener, QMPClient  # noqa: E402
 
 from bench.concurrent_start import prefault  # noqa: E402
-from bench.replay import plain_argv, table  # noqa: E402
+from bench.replay import med, own, plain_argv, stats, table, wait_ready  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402 - the same daemon harness the tests use
 from vmkit.cli.client import ApiError  # noqa: E402
 
 VM = "snap"
 MEMORY_MIB = 256
-READY = b"VMKIT-DEMO-READY"
 MAX_BANDWIDTH = 2**63 - 1  # QEMU's rate limit takes bytes per second up to INT64_MAX: no cap
 SAVE_ROUTES = ("/v1/vms/{name}/save", "/v1/saves/{pool}/{volume}/restore", "/v1/vms/{name}/managed-save")
 # Issue 8's targets for the demo guest at 256 MiB, and libvirt 9.0 on this machine (from the issue).
@@ -83,31 +81,6 @@ PREFAULT_BYTES = 512 << 20
 
 def fresh() -> None:
     prefault(PREFAULT_BYTES)
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def stats(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{med(values):.3f} s (min {min(values):.3f}, max {max(values):.3f})"
-
-
-def own(vmkit: list[float], plain: list[float]) -> str:
-    return f"{med(vmkit) - med(plain):+.3f} s" if vmkit and plain else ""
-
-
-def wait_ready(log: Path, timeout_s: float = 120) -> None:
-    """Until the guest's serial log says READY (a start truncates the log first)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            if READY in log.read_bytes():
-                return
-        time.sleep(0.01)
-    raise TimeoutError(f"{READY!r} not seen in {log}")
 
 
 # ----- vmkit, through the API --------------------------------------------------------------------------------

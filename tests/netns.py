@@ -96,3 +96,21 @@ def daemon_in(ns: Netns, prefix: str, env: dict[str, str] | None = None, *, demo
     finally:
         d.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def lan(*tags: str) -> Iterator[list[tuple[Netns, str]]]:
+    """Hosts (one namespace per tag) on a LAN of their own: each one's eth0 on a bridge in another namespace, with
+    an address 10.77.N.1, .2, … (N from the test's pid); yields (namespace, address) per host."""
+    net = os.getpid() % 200 + 20
+    with namespaces("lan", *tags) as (switch, *hosts):
+        switch.run(["ip", "link", "add", "br0", "type", "bridge"])
+        switch.run(["ip", "link", "set", "br0", "up"])
+        out = []
+        for i, ns in enumerate(hosts, start=1):
+            veth(ns, "eth0", switch, f"p{i}")
+            switch.run(["ip", "link", "set", f"p{i}", "master", "br0"])
+            addr = f"10.77.{net}.{i}"
+            ns.run(["ip", "addr", "add", f"{addr}/24", "dev", "eth0"])
+            out.append((ns, addr))
+        yield out

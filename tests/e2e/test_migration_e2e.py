@@ -14,9 +14,7 @@ import pytest
 from tests.conftest import Daemon
 from tests.e2e.guest import boot
 from tests.e2e.test_snapshots_e2e import counter, marker, running_with_agent, start_counter, wait_for, write_marker
-from tests.netns import Netns, daemon_in, namespaces, veth
-
-LAN = "10.77.{}.{}"
+from tests.netns import Netns, daemon_in, lan
 
 
 def j(d: Daemon, *args: str) -> Any:
@@ -25,25 +23,15 @@ def j(d: Daemon, *args: str) -> Any:
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[tuple[Daemon, Daemon, Netns]]:
-    """Hosts a (10.77.x.1) and b (10.77.x.2) on a LAN; a knows b as remote `b`."""
-    import os
-
-    net = os.getpid() % 200 + 20
-    with namespaces("lan", "ha", "hb") as (lan, ha, hb):
-        lan.run(["ip", "link", "add", "br0", "type", "bridge"])
-        lan.run(["ip", "link", "set", "br0", "up"])
-        for ns, port, last in ((ha, "pa", 1), (hb, "pb", 2)):
-            veth(ns, "eth0", lan, port)
-            lan.run(["ip", "link", "set", port, "master", "br0"])
-            ns.run(["ip", "addr", "add", f"{LAN.format(net, last)}/24", "dev", "eth0"])
-        a_addr, b_addr = LAN.format(net, 1), LAN.format(net, 2)
-        with (
-            daemon_in(ha, "miga", {"VMKIT_LISTEN": f"{a_addr}:8443"}) as a,
-            daemon_in(hb, "migb", {"VMKIT_LISTEN": f"{b_addr}:8443", "VMKIT_INCOMING_STALL_S": "5"}) as b,
-        ):
-            secret = j(b, "token", "create", "from-a")["secret"]
-            a.cli("remote", "add", "b", f"https://{b_addr}:8443", "--token", secret)
-            yield a, b, ha
+    """Hosts a and b on a LAN; a knows b as remote `b`."""
+    with (
+        lan("ha", "hb") as [(ha, a_addr), (hb, b_addr)],
+        daemon_in(ha, "miga", {"VMKIT_LISTEN": f"{a_addr}:8443"}) as a,
+        daemon_in(hb, "migb", {"VMKIT_LISTEN": f"{b_addr}:8443", "VMKIT_INCOMING_STALL_S": "5"}) as b,
+    ):
+        secret = j(b, "token", "create", "from-a")["secret"]
+        a.cli("remote", "add", "b", f"https://{b_addr}:8443", "--token", secret)
+        yield a, b, ha
 
 
 def test_live_migration_with_its_disk_copied(hosts: tuple[Daemon, Daemon, Netns]) -> None:
