@@ -135,6 +135,20 @@ def test_cancel_link_cut_and_a_dying_destination(hosts: tuple[Daemon, Daemon, Ne
     assert a.vm("slow")["state"] == "running"
     marker_before = counter(a, "slow")
     assert marker_before > 0
+    # The destination killed once it runs the guest, before it could say so: never running on both hosts. The
+    # source keeps it paused and says why; the destination, restarted, still runs it.
+    before = counter(a, "slow")
+    with b.dying_at("incoming-finished"):
+        res = a.cli("vm", "migrate", "slow", "b", "--copy-storage", check=False)
+        assert res.returncode != 0 and "did not say whether it took" in res.stderr, res.stderr
+    assert a.vm("slow")["state"] == "paused" and b.vm("slow")["state"] == "running"
+    running_with_agent(b, "slow")
+    assert counter(b, "slow") >= before
+    b.cli("vm", "stop", "slow", "--force")
+    b.cli("vm", "delete", "slow")
+    a.cli("vm", "resume", "slow")  # as the message says, once it no longer runs there (here: removed)
+    running_with_agent(a, "slow")
+    assert counter(a, "slow") >= before
     # And after all that, it still moves.
     j(a, "vm", "migrate", "slow", "b", "--copy-storage")
     running_with_agent(b, "slow")

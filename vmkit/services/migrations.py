@@ -209,9 +209,11 @@ class MigrationService:
             mon = vm.monitor
             tls_dir = vm.paths.run_dir / "migration-tls"
             jobs: list[str] = []
+            finishing = False
             try:
                 shutil.rmtree(tls_dir, ignore_errors=True)
                 qmig.write_psk(tls_dir, ready.psk, vm.uid if vm.uid is not None else 0)
+                await qmig.drop_tls(mon)  # one an earlier migration left (it ended with its outcome unknown)
                 await _qmp(qmig.add_tls(mon, tls_dir, endpoint="client"))
                 progress(0.05, "copying disks")
                 tops = await _qmp(blocksnap.top_nodes(mon, [d.name for d in disks]))
@@ -237,10 +239,27 @@ class MigrationService:
                 await qmig.stop_mirrors(mon, jobs, [d.name for d in disks])
                 jobs = []
                 crashpoint("migrate-sent")
-                await self._remotes.request(
-                    req.remote, "POST", f"/v1/migrations/{ready.id}/finish", {"running": was_running}
-                )
+                finishing = True
+                try:
+                    await self._remotes.request(
+                        req.remote, "POST", f"/v1/migrations/{ready.id}/finish", {"running": was_running}
+                    )
+                except VmkitError:
+                    # Its answer may be what got lost: the guest must never run on both hosts.
+                    there = await self._runs_there(req.remote, vm)
+                    if there is None:
+                        raise Conflict(
+                            f"{req.remote} did not say whether it took {name!r} over: it stays paused here; if it "
+                            f"runs there, `vm stop --force {name}` here, else `vm resume {name}` here"
+                        ) from None
+                    if not there:
+                        raise
+                    log.warning("VM %s: %s runs it though its finish answer was lost", name, req.remote)
             except BaseException as e:
+                if isinstance(e, Conflict) and finishing:
+                    await qmig.drop_tls(mon)
+                    shutil.rmtree(tls_dir, ignore_errors=True)
+                    raise  # unknown outcome: the guest stays paused here, never resumed by us
                 await self._undo_source(vm, mon, jobs, [d.name for d in disks], was_running)
                 with contextlib.suppress(Exception):
                     await self._remotes.request(req.remote, "DELETE", f"/v1/migrations/{ready.id}")
@@ -262,6 +281,16 @@ class MigrationService:
             "downtime_ms": info.get("downtime"),
             "ram_transferred_bytes": (info.get("ram") or {}).get("transferred"),
         }
+
+    async def _runs_there(self, remote: str, vm: VmRuntime) -> bool | None:
+        """Whether the remote runs this VM (same UUID, migrated); None when it cannot be asked."""
+        try:
+            info = await self._remotes.request(remote, "GET", f"/v1/vms/{vm.spec.name}")
+        except VmkitError as e:
+            return False if getattr(e, "remote_status", None) == 404 else None
+        # Still waiting there (paused, "incoming migration") is not taken over; anything else its QEMU does is.
+        taken = info.get("state") in ("running", "paused") and info.get("reason") != "incoming migration"
+        return bool(info.get("uuid") == vm.spec.uuid and taken)
 
     async def _beat(self, remote: str, mid: str) -> None:
         """Tell the destination every HEARTBEAT_S that this migration goes on (see _watch)."""
@@ -429,11 +458,14 @@ class MigrationService:
             if status != "completed":
                 raise Conflict(f"the migration has not completed here (QEMU says {status})")
             await _qmp(qmig.finish_incoming(vm.monitor, run=req.running))
-            await qmig.drop_tls(vm.monitor)
-            shutil.rmtree(vm.paths.vm_dir / "migration-tls", ignore_errors=True)
+            # The guest is this host's from here on, whatever else fails.
             self._vms.set_state(vm, VmState.RUNNING if req.running else VmState.PAUSED, "migrated")
             self._store.set_journal(vm.spec.name, None)
             del self._incoming[mid]
+            crashpoint("incoming-finished")
+            with contextlib.suppress(Exception):
+                await qmig.drop_tls(vm.monitor)
+            shutil.rmtree(vm.paths.vm_dir / "migration-tls", ignore_errors=True)
             return vm.info()
 
     async def abort(self, mid: str) -> None:
