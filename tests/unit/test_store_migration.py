@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmkit.model.snapshot import SnapshotRecord
+from vmkit.model.vm import DiskSpec
 from vmkit.store.db import _MIGRATIONS, SCHEMA_VERSION, RemoteRow, SchemaTooNew, Store, TokenRow, VolumeRow
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "state-v1.sql"
@@ -98,6 +99,12 @@ def test_v5_database_gets_snapshots_and_a_journal(tmp_path: Path) -> None:
     store.set_current_snapshot(old.name, "s2")
     store.set_journal(old.name, {"op": "delete", "snapshot": "s1"})
     assert [r.name for r in store.snapshots(old.name)] == ["s1", "s2"]  # oldest first
+    on_disk = old.model_copy(update={"disks": [DiskSpec(name="disk0", path="/p", format="qcow2", volume="default/a")]})
+    store.add_snapshot(old.name, SnapshotRecord(name="s3", kind="external", state="shut off", created_at=3.0,
+                                                spec=on_disk))  # fmt: skip
+    assert store.snapshots_naming("default/a") == [(old.name, "s3")]  # which snapshots need a volume
+    assert store.snapshots_naming("default/b") == []
+    store.delete_snapshot(old.name, "s3")
     assert store.current_snapshot(old.name) == "s2" and store.journal(old.name) == {"op": "delete", "snapshot": "s1"}
     store.delete_vm(old.name)  # its snapshots and its journal go with it
     assert store.snapshots(old.name) == [] and store.journals() == {}

@@ -187,15 +187,13 @@ async def take_external(mon: Monitor, overlays: Sequence[tuple[str, int]]) -> li
 
 
 async def stream(
-    mon: Monitor, pid: int, child: str, below: str, base: str | None, base_path: str | None, *, job_id: str
+    mon: Monitor, child_node: Node, below: str, base: str | None, base_path: str | None, *, job_id: str
 ) -> None:
-    """Merge node `below` (and whatever lies between it and `base`; base None: the whole chain) into node
-    `child`, which then reads `base` directly; its header names base_path (the real file, never /dev/fdset/N).
-    A read-only child (an image below the top) is reopened read-write for it, and read-only again after."""
-    child_node = next((n for n in await nodes(mon, pid) if n.name == child), None)
-    if child_node is None:
-        raise LookupError(f"QEMU has no node {child}")
-    args: dict[str, object] = {"job-id": job_id, "device": child}
+    """Merge node `below` (and whatever lies between it and `base`; base None: the whole chain) into
+    `child_node` (as nodes() found it), which then reads `base` directly; its header names base_path (the real
+    file, never /dev/fdset/N). A read-only child (an image below the top) is reopened read-write for it, and
+    read-only again after."""
+    args: dict[str, object] = {"job-id": job_id, "device": child_node.name}
     if base is not None:
         # QEMU writes the base node's driver as the backing format, and this name as its file.
         args |= {"base-node": base, "backing-file": base_path}

@@ -98,7 +98,7 @@ class MigrationService:
         task.cancel()
 
     async def migrate(self, name: str, req: MigrateVm, progress: Progress = _no_progress) -> dict[str, Any]:
-        self.check(name, req)
+        """Migrate VM `name` (the API checked the request up front; it is checked again under the VM's lock)."""
         if name in self._outgoing:
             raise Conflict(f"VM {name!r} is being migrated already")
         task = asyncio.current_task()
@@ -195,6 +195,7 @@ class MigrationService:
         url = self._remotes.info(req.remote).url
         host = urlsplit(url).hostname or ""
         async with vm.lock:
+            self.check(name, req)
             if vm.monitor is None or vm.proc is None:
                 raise Conflict(f"VM {name!r} is not running")
             disks = [d for d in vm.spec.disks if d.volume]
@@ -352,10 +353,8 @@ class MigrationService:
             new = spec.model_copy(update={"disks": disks, "kernel": kernel, "initrd": initrd, "bases": [],
                                           "cdroms": [c.model_copy(update={"path": None, "volume": None})
                                                      for c in spec.cdroms]})  # fmt: skip
-            await self._vms.define(new)
+            await self._vms.define(new, autostart=req.autostart)
             self._store.set_journal(new.name, {"op": "incoming", "id": mid, "volumes": made})
-            if req.autostart:
-                await self._vms.set_autostart(new.name, True)
         except BaseException:
             for key in made:
                 self._volumes.discard(key)
@@ -435,9 +434,7 @@ class MigrationService:
         spec = req.spec.model_copy(update={"disks": disks, "kernel": kernel, "initrd": initrd, "bases": [],
                                            "cdroms": [c.model_copy(update={"path": None, "volume": None})
                                                       for c in req.spec.cdroms]})  # fmt: skip
-        await self._vms.define(spec)
-        if req.autostart:
-            await self._vms.set_autostart(spec.name, True)
+        await self._vms.define(spec, autostart=req.autostart)
         return IncomingReady(id=uuid.uuid4().hex)
 
     def _image_path(self, key: str | None, what: str) -> str:

@@ -90,11 +90,7 @@ class SnapshotService:
 
     def references(self, key: str) -> list[str]:
         """'VM (snapshot S)' for each snapshot that needs volume `key` (it must not be deleted)."""
-        out = []
-        for vm in self._vms.runtimes():
-            out += [f"{vm.spec.name} (snapshot {r.name})" for r in self._store.snapshots(vm.spec.name)
-                    if any(d.volume == key for d in r.spec.disks)]  # fmt: skip
-        return out
+        return [f"{vm} (snapshot {name})" for vm, name in self._store.snapshots_naming(key)]
 
     def owned_images(self, vm: str) -> list[str]:
         """The images vmkit made for the VM that only its snapshots still name (deleted with the VM)."""
@@ -439,7 +435,7 @@ class SnapshotService:
                 job = _job_id("merge", child)
                 if not await _qmp(mon.await_job(job, timeout_s=blocksnap.STREAM_TIMEOUT_S)):
                     await _qmp(
-                        blocksnap.stream(mon, pid, node.name, below.name, base.name if base else None,
+                        blocksnap.stream(mon, node, below.name, base.name if base else None,
                                          self._path(parent) if parent else None, job_id=job)
                     )  # fmt: skip
                 self._volumes.set_backing(child, parent)

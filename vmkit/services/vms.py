@@ -540,7 +540,6 @@ class VmService:
             if (req.disk_iops_total or req.disk_bps_total) and not (base or req.disk_size_bytes):
                 raise InvalidInput("disk I/O limits need a disk (give --disk SIZE or --image)")
             cdroms = [self.cdrom(req.iso)] if req.iso is not None else []
-            paths = self.paths(req.name)
             with Reverter() as rev:
                 spec_disks = await self._new_disks(req, base, rev)
                 spec = VmSpec(
@@ -560,25 +559,26 @@ class VmService:
                     memory_max_mib=req.memory_max_mib,
                 )
                 limits.check(spec)
-                uid = self._next_uid()
-                self._store.add_vm(spec, autostart=req.autostart, uid=uid)
+                vm = self._register(spec, req.autostart)
                 rev.success()
-            vm = VmRuntime(spec, req.autostart, VmState.SHUTOFF, None, paths, uid=uid)
-            self._vms[spec.name] = vm
-            self._bus.publish("vm-created", vm=spec.name)
         await self._nics_changed(spec)
         return vm.info()
 
-    async def define(self, spec: VmSpec) -> VmInfo:
-        """Add a VM made elsewhere (a clone) from its finished spec; its name must be free."""
+    def _register(self, spec: VmSpec, autostart: bool) -> VmRuntime:
+        """Record a new VM (its row, with an identity of its own) and make it known; under _create_lock."""
+        uid = self._next_uid()
+        self._store.add_vm(spec, autostart=autostart, uid=uid)
+        vm = VmRuntime(spec, autostart, VmState.SHUTOFF, None, self.paths(spec.name), uid=uid)
+        self._vms[spec.name] = vm
+        self._bus.publish("vm-created", vm=spec.name)
+        return vm
+
+    async def define(self, spec: VmSpec, *, autostart: bool = False) -> VmInfo:
+        """Add a VM made elsewhere (a clone, a migrated VM) from its finished spec; its name must be free."""
         async with self._create_lock:
             if spec.name in self._vms:
                 raise Conflict(f"a VM named {spec.name!r} already exists")
-            uid = self._next_uid()
-            self._store.add_vm(spec, autostart=False, uid=uid)
-            vm = VmRuntime(spec, False, VmState.SHUTOFF, None, self.paths(spec.name), uid=uid)
-            self._vms[spec.name] = vm
-            self._bus.publish("vm-created", vm=spec.name)
+            vm = self._register(spec, autostart)
         await self._nics_changed(spec)
         return vm.info()
 

@@ -366,6 +366,16 @@ class Store:
         rows = self._db.execute("SELECT data FROM snapshots WHERE vm = ? ORDER BY created_at, name", (vm,))
         return [SnapshotRecord.model_validate_json(d) for (d,) in rows]
 
+    def snapshots_naming(self, volume: str) -> list[tuple[str, str]]:
+        """(VM, snapshot) of every snapshot one of whose disks is volume POOL/NAME, by VM then age (one query:
+        every volume listing asks it for each volume)."""
+        rows = self._db.execute(
+            "SELECT vm, name FROM snapshots WHERE EXISTS (SELECT 1 FROM json_each(data, '$.spec.disks') "
+            "WHERE json_extract(value, '$.volume') = ?) ORDER BY vm, created_at, name",
+            (volume,),
+        )
+        return [(str(v), str(n)) for v, n in rows]
+
     def put_snapshot(self, vm: str, rec: SnapshotRecord) -> None:
         self._db.execute(
             "UPDATE snapshots SET data = ? WHERE vm = ? AND name = ?", (rec.model_dump_json(), vm, rec.name)
