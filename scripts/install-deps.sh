@@ -18,6 +18,9 @@ APT_PACKAGES=(
                                       # (private db/sockets under its run dir; vmkit never uses the system OVS service)
   ca-certificates
   openssl                             # the TCP listener's self-signed TLS pair
+  qemu-block-extra libiscsi-bin       # shared pools: QEMU's own NFS (libnfs) and iSCSI (libiscsi) drivers; iscsi-ls lists LUNs
+  nfs-ganesha nfs-ganesha-vfs rpcbind # tests only: a userspace NFSv3 server (in a namespace of the test's own)
+  tgt                                 # tests only: a userspace iSCSI target (likewise)
   chromium                            # tests/ui only: the web UI driven by Playwright (never its own browser download)
 )
 

@@ -102,6 +102,13 @@ def daemon_in(ns: Netns, prefix: str, env: dict[str, str] | None = None, *, demo
 def lan(*tags: str) -> Iterator[list[tuple[Netns, str]]]:
     """Hosts (one namespace per tag) on a LAN of their own: each one's eth0 on a bridge in another namespace, with
     an address 10.77.N.1, .2, … (N from the test's pid); yields (namespace, address) per host."""
+    with switched_lan(*tags) as (_, hosts):
+        yield hosts
+
+
+@contextlib.contextmanager
+def switched_lan(*tags: str) -> Iterator[tuple[Netns, list[tuple[Netns, str]]]]:
+    """lan(), with the switch's namespace too (its bridge is br0): for a test that serves the LAN itself."""
     net = os.getpid() % 200 + 20
     with namespaces("lan", *tags) as (switch, *hosts):
         switch.run(["ip", "link", "add", "br0", "type", "bridge"])
@@ -113,4 +120,4 @@ def lan(*tags: str) -> Iterator[list[tuple[Netns, str]]]:
             addr = f"10.77.{net}.{i}"
             ns.run(["ip", "addr", "add", f"{addr}/24", "dev", "eth0"])
             out.append((ns, addr))
-        yield out
+        yield switch, out

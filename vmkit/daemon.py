@@ -140,6 +140,7 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.services.operations import Operations
     from vmkit.services.pools import PoolService
     from vmkit.services.remotes import RemoteService
+    from vmkit.services.sharedpools import SharedPools, host_id, iscsi_initiator
     from vmkit.services.snapshots import SnapshotService
     from vmkit.services.stats import StatsService
     from vmkit.services.upgrade import take_over
@@ -197,14 +198,15 @@ async def serve(cfg: DaemonConfig) -> None:
     except SchemaTooNew as e:
         raise SystemExit(f"vmkit: {e}") from None
     bus = EventBus()
-    pools = PoolService(store=store, state_dir=cfg.state_dir)
+    shared = SharedPools(store=store, host_id=host_id(store), initiator=iscsi_initiator(store))
+    pools = PoolService(store=store, state_dir=cfg.state_dir, shared=shared)
     try:
         moved = await asyncio.to_thread(take_over, store, pools, cfg.state_dir)
     except (VmkitError, OSError) as e:
         raise SystemExit(f"vmkit: cannot move this state dir's disks and images into pools: {e}") from None
     if moved:
         log.info("took %d disk and image files of the earlier layout over as volumes", moved)
-    volumes = VolumeService(store=store, pools=pools)
+    volumes = VolumeService(store=store, pools=pools, shared=shared)
     volumes.recover()
     images = ImageService(store=store, volumes=volumes, cache_dir=cfg.cache_dir)
     # VMKIT_DEFAULT_NETWORK=off: no `default` network on first start (test daemons outside a network namespace).

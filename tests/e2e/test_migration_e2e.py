@@ -195,3 +195,49 @@ def test_the_autopilot_gives_up_cleanly_on_a_guest_outrunning_the_link(hosts: tu
     running_with_agent(a, "busy")
     a.cli("vm", "stop", "busy", "--force")
     a.cli("vm", "delete", "busy")
+
+
+def test_a_wrong_token_certificate_or_too_little_memory_there(hosts: tuple[Daemon, Daemon, Netns]) -> None:
+    """Each refused with a clear error; the VM keeps running here and nothing is left there."""
+    a, b, _ = hosts
+    boot(a, "pick", "--network", "user")
+    url = j(a, "remote", "info", "b")["url"]
+
+    def refused(words: str, *extra: str) -> None:
+        res = a.cli("vm", "migrate", "pick", "b", "--copy-storage", *extra, check=False)
+        assert res.returncode != 0 and words in res.stderr, res.stderr
+        assert a.vm("pick")["state"] == "running"
+        nothing_there(b)
+
+    def readd(secret: str) -> None:
+        a.cli("remote", "remove", "b")
+        a.cli("remote", "add", "b", url, "--token", secret)
+
+    # Post-copy needs every disk on shared storage (a copied disk cannot switch mid-way).
+    refused("post-copy needs every disk on a shared pool", "--postcopy")
+    # The token a holds was revoked on b.
+    b.cli("token", "revoke", "from-a")
+    refused("token was refused")
+    readd(j(b, "token", "create", "from-a-again")["secret"])
+    # b keeps all but 128 MiB of what it has for itself: no room for 256 MiB.
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) // 1024 for line in f if line.startswith("MemAvailable:"))
+    b.stop()
+    b.env["VMKIT_HOST_RESERVED_MIB"] = str(available - 128)
+    b.start()
+    try:
+        refused("not enough memory")
+    finally:
+        b.stop()
+        del b.env["VMKIT_HOST_RESERVED_MIB"]
+        b.start()
+    # b's certificate is not the one a pinned any more (a new key pair, as after a reinstall).
+    b.stop()
+    for f in (b.state_dir / "tls").iterdir():
+        f.unlink()
+    b.start()
+    refused("fingerprint mismatch")
+    readd(j(b, "token", "create", "from-a-third")["secret"])  # trusting the new certificate, knowingly
+    j(a, "vm", "migrate", "pick", "b", "--copy-storage")  # and then it moves
+    b.cli("vm", "stop", "pick", "--force")
+    b.cli("vm", "delete", "pick")

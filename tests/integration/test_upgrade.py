@@ -188,6 +188,7 @@ def test_takeover_interrupted_is_finished(tmp_path: Path, monkeypatch: pytest.Mo
     """A daemon killed half-way through the takeover (files moved, headers or records not yet) finishes it."""
     from vmkit.services import upgrade
     from vmkit.services.pools import PoolService
+    from vmkit.services.sharedpools import SharedPools
     from vmkit.storage import qemu_img
     from vmkit.store.db import Store
 
@@ -195,7 +196,7 @@ def test_takeover_interrupted_is_finished(tmp_path: Path, monkeypatch: pytest.Mo
     state.mkdir()
     files = _layout_v3(state)
     store = Store(state / "vmkit.db")
-    pools = PoolService(store=store, state_dir=state)
+    pools = PoolService(store=store, state_dir=state, shared=SharedPools(store=store, host_id="t", initiator="t"))
     real_rebase = qemu_img.rebase_unsafe
 
     def crash(*args: object, **kw: object) -> None:

@@ -19,6 +19,8 @@ from vmkit.qemu.argv import (
     device_opts,
     disk_blockdevs,
     disk_device,
+    is_network,
+    network_node,
     opt,
     qemu_argv,
     qemu_opts,
@@ -113,6 +115,20 @@ SPECS = {
         ),
         TCG,
     ),
+    # Disks on shared pools: QEMU's own NFS and iSCSI clients, no descriptor (services/sharedpools.py).
+    "shared-disks": (
+        VmSpec(
+            name="web",
+            uuid="00000000-0000-4000-8000-000000000009",
+            memory_mib=512,
+            vcpus=1,
+            disks=[
+                DiskSpec(name="disk0", path="nfs://10.0.0.5/srv/vmkit/web.qcow2?uid=0&gid=0", format="qcow2"),
+                DiskSpec(name="disk1", path="iscsi://[fd00::5]:3260/iqn.2026-11.org.example:t1/2", format="raw"),
+            ],
+        ),
+        TCG,
+    ),
     # disk1 was detached: the others keep their names (and so their nodes, devices and ports).
     "disk-gap": (
         VmSpec(
@@ -133,7 +149,10 @@ SPECS = {
 def handover(spec: VmSpec, qmp: int = 3) -> HandOver:
     """Descriptor numbers as the daemon would hand them over; the demo's disk has a one-image chain."""
     disks = tuple(
-        DiskFds(20 + 2 * i, ((21 + 2 * i, "qcow2"),) if d.backing_image else ()) for i, d in enumerate(spec.disks)
+        DiskFds(None)
+        if is_network(d.path)
+        else DiskFds(20 + 2 * i, ((21 + 2 * i, "qcow2"),) if d.backing_image else ())
+        for i, d in enumerate(spec.disks)
     )
     kernel = (10, 11) if spec.kernel else (None, None)
     cdroms = tuple(None if cd.path is None else 30 + k for k, cd in enumerate(spec.cdroms))
@@ -240,6 +259,24 @@ def test_readonly_disk() -> None:
     assert "driver=file,filename=/dev/fdset/3,node-name=disk1-file,read-only=on,cache.direct=off" in blockdevs
     assert "driver=raw,file=disk1-file,node-name=disk1,read-only=on" in blockdevs
     assert sum("read-only=on" in a for a in blockdevs) == 2
+
+
+def test_shared_disks_reach_their_servers() -> None:
+    spec, host = SPECS["shared-disks"]
+    argv = qemu_argv(spec, PATHS, host, handover(spec))
+    blockdevs = _args(argv, "-blockdev")
+    assert (
+        "driver=nfs,server.type=inet,server.host=10.0.0.5,path=/srv/vmkit/web.qcow2,user=0,group=0,"
+        "node-name=disk0-file,cache.direct=off,discard=unmap" in blockdevs
+    )
+    assert (
+        "driver=iscsi,transport=tcp,portal=[fd00::5]:3260,target=iqn.2026-11.org.example:t1,lun=2,"
+        "node-name=disk1-file,cache.direct=off,discard=unmap" in blockdevs
+    )
+    assert not _args(argv, "-add-fd")[3:]  # only the serial log's, the sockets'…: no disk fdset
+    assert not any("fdset" in b for b in blockdevs)
+    with pytest.raises(ValueError):
+        network_node("http://x/y")
 
 
 def test_cdrom_boots_first() -> None:

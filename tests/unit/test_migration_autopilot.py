@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmkit.qemu.migrate import GIVE_UP, Autopilot
+from vmkit.qemu.migrate import GIVE_UP, SWITCH_TO_POSTCOPY, Autopilot
 
 
 def active(remaining: int, passes: int = 3) -> dict:
@@ -63,3 +63,10 @@ def test_the_dh_group_is_rfc_7919_ffdhe2048() -> None:
     q = (p - 1) // 2
     for n in (p, q):  # a safe prime (Fermat checks)
         assert all(pow(rng.randrange(2, n - 1), n - 1, n) == 1 for _ in range(5))
+
+
+def test_with_postcopy_allowed_a_stuck_one_switches_instead() -> None:
+    ap = Autopilot(start_ms=50, max_ms=100, patience_s=2, postcopy=True)
+    assert ap.decide(active(500), 0.0) is None
+    assert ap.decide(active(510), 2.5) == 100
+    assert ap.decide(active(510), 5.0) == SWITCH_TO_POSTCOPY

@@ -1,4 +1,4 @@
-"""Routes for /v1/pools: storage pools (directories of volumes)."""
+"""Routes for /v1/pools: storage pools (directories of volumes; shared pools on NFS and iSCSI servers)."""
 
 from __future__ import annotations
 
@@ -22,27 +22,28 @@ PoolName = Annotated[
 
 @router.get("")
 async def list_pools(svc: Svc) -> list[PoolInfo]:
-    return svc.volumes.pools()
+    return await svc.volumes.pools()
 
 
 @router.post("", status_code=201)
 async def create_pool(req: CreatePool, svc: Svc) -> PoolInfo:
-    svc.pools.create(req)
-    return svc.volumes.pool_info(req.name)
+    return await svc.volumes.create_pool(req)
 
 
 @router.get("/{pool}")
 async def get_pool(pool: PoolName, svc: Svc) -> PoolInfo:
+    svc.pools.get(pool)
+    await svc.volumes.scan(pool)
     return svc.volumes.pool_info(pool)
 
 
 @router.post("/{pool}/refresh")
 async def refresh_pool(pool: PoolName, svc: Svc) -> dict[str, Any]:
-    """Adopt image files dropped into the pool's directory (format detected once, now) and forget volumes
-    whose file is gone."""
+    """Adopt image files dropped into the pool's directory, or made on a shared pool's server by another host
+    (format detected once, now), and forget volumes whose file is gone."""
     return await svc.volumes.refresh(pool)
 
 
 @router.delete("/{pool}", status_code=204)
 async def delete_pool(pool: PoolName, svc: Svc) -> None:
-    svc.pools.delete(pool)
+    svc.volumes.delete_pool(pool)

@@ -57,12 +57,12 @@ async def list_all_volumes(
             check_name(pool, "pool")
         except ValueError as e:
             raise InvalidInput(str(e)) from None
-    return svc.volumes.all(pool)
+    return await svc.volumes.all(pool)
 
 
 @router.get("/pools/{pool}/volumes")
 async def list_volumes(pool: PoolName, svc: Svc) -> list[VolumeInfo]:
-    return svc.volumes.all(pool)
+    return await svc.volumes.all(pool)
 
 
 @router.post("/pools/{pool}/volumes", status_code=202)

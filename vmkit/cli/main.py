@@ -185,6 +185,8 @@ def vm_create(c: Client, a: argparse.Namespace) -> int:
         body.setdefault("networks", []).append(_nic_opts(text))
     if a.copy:
         body["image_copy"] = True
+    if a.pool is not None:
+        body["pool"] = a.pool
     disks = [parse_disk_opts(d, first="size") for d in a.disk]
     for i, disk in enumerate(disks):
         if "size" not in disk and "volume" not in disk:
@@ -702,6 +704,9 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     sp.add_argument("--image", metavar="IMAGE|POOL/VOL", help="boot from an image (demo, demo-disk) or a disk volume")
     sp.add_argument("--linked", action="store_true", help="the image's disk as a thin overlay on it (the default)")
     sp.add_argument("--copy", action="store_true", help="the image's disk as a full copy instead of an overlay")
+    sp.add_argument(
+        "--pool", metavar="POOL", help="where new disks go (the image's disk, --disk SIZE): default `default`"
+    )
     sp.add_argument(
         "--iso", metavar="POOL/VOL|IMAGE|FILE", help="install media as a CD-ROM, booted first (a FILE is uploaded)"
     )

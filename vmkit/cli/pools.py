@@ -24,14 +24,20 @@ def pool_list(c: Client, a: argparse.Namespace) -> int:
         print_json(pools)
         return 0
     print_table(
-        ["name", "state", "path", "capacity", "allocation", "available", "volumes"],
+        ["name", "kind", "state", "path", "capacity", "allocation", "available", "volumes"],
         [
-            [p["name"], "active" if p["active"] else "missing", p["path"], human_size(p.get("capacity_bytes")),
+            [p["name"], p["kind"], _state(p), p["path"], human_size(p.get("capacity_bytes")),
              human_size(p.get("allocation_bytes")), human_size(p.get("available_bytes")), p["volumes"]]
             for p in pools
         ],
     )  # fmt: skip
     return 0
+
+
+def _state(p: dict[str, Any]) -> str:
+    if p["active"]:
+        return "active"
+    return "unreachable" if p.get("shared") else "missing"
 
 
 def _show(p: dict[str, Any]) -> None:
@@ -40,7 +46,8 @@ def _show(p: dict[str, Any]) -> None:
             ("Name", p["name"]),
             ("Kind", p["kind"]),
             ("Path", p["path"]),
-            ("State", "active" if p["active"] else "missing (its directory is gone)"),
+            ("Shared", "yes (its volumes stay on the server when a VM migrates)" if p.get("shared") else "no"),
+            ("State", _state(p) if p["active"] or p.get("shared") else "missing (its directory is gone)"),
             ("Capacity", human_size(p.get("capacity_bytes"))),
             ("Allocation", human_size(p.get("allocation_bytes"))),
             ("Available", human_size(p.get("available_bytes"))),
@@ -59,8 +66,20 @@ def pool_info(c: Client, a: argparse.Namespace) -> int:
 
 
 def pool_create(c: Client, a: argparse.Namespace) -> int:
-    p = c.post(_url(), {"name": a.name, "kind": "dir", "path": os.path.abspath(a.path)})
-    return emit(a, p, f"pool {p['name']} created at {p['path']}")
+    from vmkit.cli.main import CliError
+
+    body: dict[str, Any] = {"name": a.name, "kind": a.type}
+    fields = {"dir": ("path",), "nfs": ("server", "export", "uid", "gid"), "iscsi": ("portal", "target")}[a.type]
+    for key in ("path", "server", "export", "uid", "gid", "portal", "target"):
+        value = getattr(a, key)
+        if value is None:
+            continue
+        if key not in fields:
+            raise CliError(f"--{key} is not for a {a.type} pool (it takes {', '.join('--' + f for f in fields)})")
+        body[key] = os.path.abspath(value) if key == "path" else value
+    p = c.post(_url(), body)
+    where = "at" if a.type == "dir" else "on"
+    return emit(a, p, f"pool {p['name']} created {where} {p['path']} ({p['volumes']} volume(s) there)")
 
 
 def pool_refresh(c: Client, a: argparse.Namespace) -> int:
@@ -90,8 +109,26 @@ def add_parsers(nouns: Any, add: Any) -> None:
     )
     add(pool, "list", pool_list, "list pools with capacity, allocation and free space")
     add(pool, "info", pool_info, "show one pool").add_argument("name")
-    sp = add(pool, "create", pool_create, "define a directory pool (the directory is made if missing)")
+    sp = add(
+        pool, "create", pool_create,
+        "define a pool: a directory (made if missing), an NFS export or an iSCSI target (reached by QEMU itself)",
+    )  # fmt: skip
     sp.add_argument("name")
-    sp.add_argument("--path", required=True, metavar="DIR")
-    add(pool, "refresh", pool_refresh, "adopt image files dropped into the pool's directory").add_argument("name")
-    add(pool, "delete", pool_delete, "forget an empty pool (its directory is removed when empty)").add_argument("name")
+    sp.add_argument("--type", choices=("dir", "nfs", "iscsi"), default="dir", help="the pool's kind (default dir)")
+    sp.add_argument("--path", metavar="DIR", help="dir: the directory")
+    sp.add_argument("--server", metavar="HOST", help="nfs: the NFS server (NFSv3)")
+    sp.add_argument("--export", metavar="PATH", help="nfs: the exported directory")
+    sp.add_argument("--uid", type=int, metavar="UID", help="nfs: the uid vmkit and QEMU present (default 0)")
+    sp.add_argument("--gid", type=int, metavar="GID", help="nfs: the gid vmkit and QEMU present (default 0)")
+    sp.add_argument("--portal", metavar="HOST[:PORT]", help="iscsi: the target's portal (port 3260 by default)")
+    sp.add_argument("--target", metavar="IQN", help="iscsi: the target's name")
+    add(
+        pool, "refresh", pool_refresh, "adopt image files dropped into the pool's directory (or made on its server)"
+    ).add_argument("name")
+    add(
+        pool,
+        "delete",
+        pool_delete,
+        "forget a pool: a dir pool when empty (its directory is removed when empty); a shared one's volumes stay "
+        "on its server",
+    ).add_argument("name")

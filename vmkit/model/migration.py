@@ -23,7 +23,12 @@ class MigrateVm(BaseModel):
         str, Field(description="a remote's name (vmkit remote list)", json_schema_extra={"pattern": NAME_PATTERN})
     ]
     offline: bool = False  # a shut-off VM: its definition and disks move, nothing runs
-    copy_storage: bool = False  # disks copied to new volumes on the destination while the guest runs
+    # Disks on local pools copied to new volumes on the destination while the guest runs; without it, every
+    # disk must be on a shared pool the destination defines too (only RAM and device state move).
+    copy_storage: bool = False
+    # When the autopilot cannot make it converge: switch to post-copy (the guest runs there at once and fetches
+    # the pages it lacks) rather than cancel. Needs every disk on shared storage.
+    postcopy: bool = False
     max_downtime_ms: Annotated[int, Field(ge=1, le=MAX_DOWNTIME_MS)] = 300
     bandwidth_mib_s: Annotated[int | None, Field(ge=1, le=MAX_BANDWIDTH_MIB_S)] = None  # None: no cap
 
@@ -34,11 +39,16 @@ class MigrateVm(BaseModel):
 
 
 class IncomingDisk(BaseModel):
+    """A disk of a VM coming: a new volume to copy it into, or (shared) the volume of a shared pool both hosts
+    define, which stays where it is."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     disk: Annotated[str, Field(pattern=DISK_NAME_PATTERN)]
     size_bytes: SizeBytes
     format: DiskFormat
+    shared: VolumeKey | None = None
+    location: Annotated[str | None, Field(max_length=2048)] = None  # the shared volume's URL, as the source has it
 
 
 class IncomingMigration(BaseModel):
@@ -53,6 +63,7 @@ class IncomingMigration(BaseModel):
     host: Annotated[str | None, Field(max_length=255)] = None
     # Offline: the disks' volumes here (uploaded by the source beforehand), disk → POOL/NAME; nothing runs.
     volumes: dict[str, VolumeKey] | None = None
+    postcopy: bool = False  # the migration may switch to post-copy: QEMU here must allow it up front
     # The images pool volumes the VM boots from (direct kernel boot), found on the destination by name.
     kernel_volume: VolumeKey | None = None
     initrd_volume: VolumeKey | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -29,3 +30,20 @@ def check_abs_path(v: str) -> str:
     if not v.startswith("/") or "\0" in v:
         raise ValueError("must be an absolute path")
     return v
+
+
+# A DNS name or an IP address (IPv6 possibly bracketed); valid_host is the rule.
+HOST_PATTERN = r"^([A-Za-z0-9.-]+|\[?[0-9A-Fa-f:.]+\]?)$"
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def valid_host(host: str) -> bool:
+    """An IP address, or a DNS name of letters, digits and hyphens (what the resolver is given as it is)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    if not host or len(host) > 253 or host.replace(".", "").isdigit():
+        return False  # all digits: a mistyped IPv4 address, not a name
+    return all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split("."))

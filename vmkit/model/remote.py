@@ -13,7 +13,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from vmkit.host.tls import is_loopback
-from vmkit.model.names import NAME_PATTERN, check_name
+from vmkit.model.names import NAME_PATTERN, check_name, valid_host
 
 # What the OpenAPI document states; parse_url below is the rule (and says what is wrong).
 URL_PATTERN = r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}/?$"
@@ -23,22 +23,9 @@ TOKEN_PATTERN = r"^[!-~]+$"
 TOKEN_MAX = 512
 FINGERPRINT_PATTERN = r"^([0-9A-Fa-f]{64}|([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2})$"
 
-_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _TOKEN = re.compile(TOKEN_PATTERN)
 _FINGERPRINT = re.compile(FINGERPRINT_PATTERN)
 _URL_HINT = "use http(s)://HOST:PORT, e.g. https://192.0.2.10:8443 (plain http only on a loopback address)"
-
-
-def _host_ok(host: str) -> bool:
-    """An IP address, or a DNS name of letters, digits and hyphens (what the resolver is given as it is)."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    if not host or len(host) > 253 or host.replace(".", "").isdigit():
-        return False  # all digits: a mistyped IPv4 address, not a name
-    return all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split("."))
 
 
 def parse_url(url: str) -> tuple[str, str, int]:
@@ -62,7 +49,7 @@ def parse_url(url: str) -> tuple[str, str, int]:
         host, colon, port = rest.rpartition(":")
         if not colon:
             raise ValueError(f"remote URL {url!r} has no port: {_URL_HINT}")
-        if not _host_ok(host) or ":" in host:
+        if not valid_host(host) or ":" in host:
             raise ValueError(f"invalid host {host!r} in {url!r}: an IP address or a DNS name")
     if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"invalid port in {url!r}: 1-65535")

@@ -10,11 +10,13 @@ always passed explicitly to QEMU and qemu-img, never probed again.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vmkit.model.names import ABS_PATH_PATTERN, NAME_PATTERN, check_abs_path, check_name
+from vmkit.model.names import ABS_PATH_PATTERN, HOST_PATTERN, NAME_PATTERN, check_abs_path, check_name, valid_host
 
 # What a volume holds. "iso" is a read-only install medium (QEMU reads it as raw); kernels and initrds
 # of images are "raw" files like any other. "save" is a VM's saved RAM and device state (vmkit vm save,
@@ -68,34 +70,163 @@ IMAGE_REF_PATTERN = NAME_PATTERN.removesuffix("$") + "(/" + NAME_PATTERN.removep
 SizeBytes = Annotated[int, Field(gt=0, le=VOLUME_SIZE_MAX, description="bytes")]
 
 
+PoolKind = Literal["dir", "nfs", "iscsi"]
+SHARED_KINDS = ("nfs", "iscsi")  # pools several hosts may define: their volumes live on a server
+ISCSI_PORT = 3260
+ID_MAX = 2**32 - 2  # a uid/gid (2**32 - 1 is "no id")
+
+# An NFS export path: absolute, plain characters only (it goes into URLs and QEMU's options), no "..".
+EXPORT_PATTERN = r"^(/[A-Za-z0-9._+-]+)+/?$|^/$"
+# HOST[:PORT] of an iSCSI portal; IPv6 in brackets.
+PORTAL_PATTERN = r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$"
+# An iSCSI qualified name (RFC 3720): iqn.YYYY-MM.reversed.domain[:suffix], or eui. + 16 hex digits. The suffix
+# is the naming authority's own (RFC 3720 allows a-z 0-9 - . : ; many vendors use A-Z and _ too).
+IQN_PATTERN = (
+    r"^(iqn\.[0-9]{4}-(0[1-9]|1[0-2])\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"(:[A-Za-z0-9.:_-]+)?|eui\.[0-9A-Fa-f]{16})$"
+)
+_EXPORT_RE, _PORTAL_RE, _IQN_RE = re.compile(EXPORT_PATTERN), re.compile(PORTAL_PATTERN), re.compile(IQN_PATTERN)
+
+
+def check_export(v: str) -> str:
+    if len(v) > 1024 or not _EXPORT_RE.fullmatch(v) or "/../" in v + "/" or "/./" in v + "/":
+        raise ValueError(f"invalid NFS export {v!r}: an absolute path of letters, digits and . _ + -, e.g. /srv/vmkit")
+    return v.rstrip("/") or "/"
+
+
+def check_iqn(v: str) -> str:
+    """v if it is an iSCSI name, else ValueError for people (223 bytes at most: RFC 3720)."""
+    if len(v.encode()) > 223 or not _IQN_RE.fullmatch(v):
+        raise ValueError(
+            f"invalid iSCSI name {v!r}: use iqn.YYYY-MM.reversed.domain[:suffix] (e.g. iqn.2026-01.org.example:disks) "
+            "or eui. and 16 hex digits"
+        )
+    return v
+
+
+def parse_portal(v: str) -> tuple[str, int]:
+    """'HOST[:PORT]' → (host, port); IPv6 hosts in brackets. ValueError for people."""
+    hint = f"invalid iSCSI portal {v!r}: write HOST or HOST:PORT (IPv6 in brackets)"
+    if not _PORTAL_RE.fullmatch(v):
+        raise ValueError(hint)
+    if v.startswith("["):
+        host, _, tail = v[1:].partition("]")
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(hint) from None
+        port = tail.removeprefix(":") or str(ISCSI_PORT)
+    else:
+        host, _, port = v.partition(":")
+        port = port or str(ISCSI_PORT)
+        if not valid_host(host):
+            raise ValueError(hint)
+    if not 0 < int(port) < 65536:
+        raise ValueError(hint)
+    return host, int(port)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def nfs_location(server: str, export: str, uid: int, gid: int) -> str:
+    return f"nfs://{_bracket(server)}{export}?uid={uid}&gid={gid}"
+
+
+def iscsi_location(host: str, port: int, iqn: str) -> str:
+    return f"iscsi://{_bracket(host)}:{port}/{iqn}"
+
+
 class PoolSpec(BaseModel):
-    """A pool as stored."""
+    """A pool as stored. path is where its volumes are: a directory (dir), or for a shared pool its URL
+    (nfs://SERVER/EXPORT?uid=U&gid=G, iscsi://HOST:PORT/IQN), the same string on every host that defines it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    kind: Literal["dir"] = "dir"
+    kind: PoolKind = "dir"
     path: str
+
+    @property
+    def shared(self) -> bool:
+        return self.kind in SHARED_KINDS
 
 
 class CreatePool(BaseModel):
-    """Body of POST /v1/pools."""
+    """Body of POST /v1/pools. dir: path. nfs: server, export (and the uid/gid vmkit claims on it: AUTH_SYS).
+    iscsi: portal, target."""
 
     model_config = _strict()
     name: Annotated[str, Field(json_schema_extra={"pattern": NAME_PATTERN})]
-    kind: Literal["dir"] = "dir"
-    path: AbsPath
+    kind: PoolKind = "dir"
+    path: AbsPath | None = None
+    server: Annotated[str | None, Field(max_length=253, json_schema_extra={"pattern": HOST_PATTERN})] = None
+    export: Annotated[str | None, Field(max_length=1024, json_schema_extra={"pattern": EXPORT_PATTERN})] = None
+    uid: Annotated[int, Field(ge=0, le=ID_MAX)] = 0
+    gid: Annotated[int, Field(ge=0, le=ID_MAX)] = 0
+    portal: Annotated[str | None, Field(max_length=300, json_schema_extra={"pattern": PORTAL_PATTERN})] = None
+    target: Annotated[str | None, Field(max_length=223, json_schema_extra={"pattern": IQN_PATTERN})] = None
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "pool")
 
+    @field_validator("server")
+    @classmethod
+    def _server(cls, v: str | None) -> str | None:
+        if v is not None and not valid_host(v.strip("[]")):
+            raise ValueError(f"invalid server {v!r}: an IP address or a DNS name")
+        return v if v is None else v.strip("[]")
+
+    @field_validator("export")
+    @classmethod
+    def _export(cls, v: str | None) -> str | None:
+        return v if v is None else check_export(v)
+
+    @field_validator("portal")
+    @classmethod
+    def _portal(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_portal(v)
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str | None) -> str | None:
+        return v if v is None else check_iqn(v)
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> CreatePool:
+        need = {"dir": ("path",), "nfs": ("server", "export"), "iscsi": ("portal", "target")}[self.kind]
+        for name in ("path", "server", "export", "portal", "target"):
+            given = getattr(self, name) is not None
+            if given != (name in need):
+                what = "needs" if not given else "does not take"
+                raise ValueError(f"a {self.kind} pool {what} {name} (it takes {', '.join(need)})")
+        if self.kind != "nfs" and (self.uid or self.gid):
+            raise ValueError("uid and gid are for nfs pools")
+        return self
+
+    def location(self) -> str:
+        """What PoolSpec.path holds for this pool (a shared pool's URL is built here, from checked parts)."""
+        if self.kind == "nfs":
+            assert self.server is not None and self.export is not None
+            return nfs_location(self.server, self.export, self.uid, self.gid)
+        if self.kind == "iscsi":
+            assert self.portal is not None and self.target is not None
+            return iscsi_location(*parse_portal(self.portal), self.target)
+        assert self.path is not None
+        return self.path
+
 
 class PoolInfo(BaseModel):
     name: str
     kind: str
-    path: str
-    active: bool  # its directory is there
+    path: str  # a directory, or a shared pool's URL
+    shared: bool = False  # other hosts may define it too (nfs, iscsi): migrations leave its volumes where they are
+    active: bool  # its directory is there; a shared pool's server answered
     capacity_bytes: int | None = None
     allocation_bytes: int | None = None  # what its volumes take on disk
     available_bytes: int | None = None

@@ -264,6 +264,8 @@ class CreateVm(_Strict):
     iso: Annotated[str | None, Field(max_length=200, json_schema_extra={"pattern": IMAGE_REF_PATTERN})] = None
     # With image POOL/NAME: an overlay on it (linked, the default) or a full copy.
     image_copy: bool = False
+    # The pool new disks go to (the image's disk, and sized disks without their own pool): `default` if None.
+    pool: Annotated[str | None, Field(json_schema_extra={"pattern": NAME_PATTERN})] = None
     disks: Annotated[list[DiskRequest], Field(max_length=MAX_DISKS)] = Field(default_factory=list)
     # NICs; none given (and nic true): one on the `default` network when it exists, else user networking.
     networks: Annotated[list[NicRequest], Field(max_length=MAX_NICS)] = Field(default_factory=list)
@@ -279,6 +281,11 @@ class CreateVm(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v: str | None) -> str | None:
+        return v if v is None else check_name(v, "pool")
 
     @field_validator("image")
     @classmethod

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from vmkit.model.vm import DiskSpec, NicSpec, VmSpec
 
@@ -88,14 +89,44 @@ def device_opts(options: Mapping[str, Any]) -> str:
     return ",".join([opt(str(options["driver"])), *_flatten("", rest)])
 
 
+def is_network(location: str) -> bool:
+    """Whether a disk's path is a shared volume's URL (nfs://, iscsi://) rather than a local file."""
+    return location.startswith(("nfs://", "iscsi://"))
+
+
+def network_node(url: str) -> dict[str, Any]:
+    """The protocol node of a shared volume, from the URL services/sharedpools.py built from checked parts:
+    QEMU's own NFS (libnfs, with the pool's uid/gid) or iSCSI (libiscsi) client reaches the server, no kernel
+    client is involved. An iSCSI initiator name is left to QEMU, which derives one from the VM's UUID."""
+    u = urlsplit(url)
+    if u.scheme == "nfs":
+        q = parse_qs(u.query)
+        return {
+            "driver": "nfs", "server": {"type": "inet", "host": u.hostname}, "path": u.path,
+            "user": int(q["uid"][0]), "group": int(q["gid"][0]),
+        }  # fmt: skip
+    if u.scheme == "iscsi":
+        iqn, _, lun = u.path.strip("/").rpartition("/")
+        host = f"[{u.hostname}]" if u.hostname and ":" in u.hostname else u.hostname
+        return {"driver": "iscsi", "transport": "tcp", "portal": f"{host}:{u.port}", "target": iqn, "lun": int(lun)}
+    raise ValueError(f"not a shared volume's URL: {url!r}")
+
+
+def _file_node(top: str) -> dict[str, Any]:
+    if is_network(top):
+        return network_node(top)
+    return {"driver": "file", "filename": top}
+
+
 def disk_blockdevs(disk: DiskSpec, top: str, backing: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
     """The blockdev-add arguments of one disk, bottom of the backing chain first (each image names the node
     below it as its backing, so QEMU never follows a header's backing path).
 
-    top is the filename QEMU opens the disk's own image by (/dev/fdset/N), backing the (filename, format) of
-    each image below it, nearest first. Node names: `{name}` (format) and `{name}-file`; backing images
-    `{name}-b1`, `{name}-b2`, … from the nearest. Images below the disk, and a read-only disk itself, are opened
-    read-only (their descriptors must be too: QEMU picks an fdset's descriptor by access mode)."""
+    top is the filename QEMU opens the disk's own image by (/dev/fdset/N, or a shared volume's URL), backing
+    the (filename, format) of each image below it, nearest first. Node names: `{name}` (format) and
+    `{name}-file`; backing images `{name}-b1`, `{name}-b2`, … from the nearest. Images below the disk, and a
+    read-only disk itself, are opened read-only (their descriptors must be too: QEMU picks an fdset's
+    descriptor by access mode)."""
     node = disk.name
     if not node:
         raise ValueError("a disk needs its node name")
@@ -111,14 +142,12 @@ def disk_blockdevs(disk: DiskSpec, top: str, backing: Sequence[tuple[str, str]] 
         below = {"backing": bnode}
     if disk.readonly:
         blockdevs += [
-            {"driver": "file", "filename": top, "node-name": f"{node}-file", "read-only": True,
-             "cache": {"direct": False}},
+            {**_file_node(top), "node-name": f"{node}-file", "read-only": True, "cache": {"direct": False}},
             {"driver": disk.format, "file": f"{node}-file", "node-name": node, "read-only": True, **below},
         ]  # fmt: skip
     else:
         blockdevs += [
-            {"driver": "file", "filename": top, "node-name": f"{node}-file", "cache": {"direct": False},
-             "discard": "unmap"},
+            {**_file_node(top), "node-name": f"{node}-file", "cache": {"direct": False}, "discard": "unmap"},
             {"driver": disk.format, "file": f"{node}-file", "node-name": node, "discard": "unmap", **below},
         ]  # fmt: skip
     return blockdevs
@@ -218,7 +247,7 @@ class RuntimePaths:
 
 @dataclass(frozen=True)
 class DiskFds:
-    fd: int  # the disk's own image: read-write, or read-only for a read-only disk
+    fd: int | None  # the disk's own image: read-write, or read-only for a read-only disk; None: a shared volume
     backing: tuple[tuple[int, str], ...] = ()  # (read-only fd, format) of each image below it, nearest first
 
 
@@ -240,7 +269,7 @@ class HandOver:
         fds = [self.qmp, self.serial, self.qga, self.serial_log]
         fds += [fd for fd in (self.kernel, self.initrd) if fd is not None]
         for d in self.disks:
-            fds += [d.fd, *(fd for fd, _ in d.backing)]
+            fds += [*([] if d.fd is None else [d.fd]), *(fd for fd, _ in d.backing)]
         fds += [fd for fd in self.cdroms if fd is not None]
         fds += [fd for fd in self.nics if fd is not None]
         return fds
@@ -337,7 +366,7 @@ def qemu_argv(
         node = disk.name
         # fdsets bottom of the chain first, like the nodes; each labelled with the node that opens it.
         bottom_up = [(fdset(fd, f"{node}-b{j}"), fmt) for j, (fd, fmt) in reversed(list(enumerate(dfds.backing, 1)))]
-        top = fdset(dfds.fd, node)
+        top = disk.path if dfds.fd is None else fdset(dfds.fd, node)
         for bd in disk_blockdevs(disk, top, bottom_up[::-1]):
             argv += ["-blockdev", qemu_opts(bd)]
         # With a CD-ROM, it boots first (install media; an empty tray falls through to the disk).

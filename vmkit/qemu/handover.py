@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable, Iterator
 
 from vmkit.model.vm import DiskSpec, VmSpec
-from vmkit.qemu.argv import DiskFds, HandOver, RuntimePaths
+from vmkit.qemu.argv import DiskFds, HandOver, RuntimePaths, is_network
 from vmkit.storage.qcow2 import backing_chain
 from vmkit.util.unixsock import listen_unix
 
@@ -92,7 +92,10 @@ def open_disk(
 ) -> DiskFds:
     """Descriptors of one disk and every image below it (for a start, or a hot-plug: hotplug.attach_disk),
     closed by stack. A writable disk vmkit owns is handed to the VM's identity; a read-only one is opened
-    read-only and never chowned (it may be shared with other VMs)."""
+    read-only and never chowned (it may be shared with other VMs). A shared volume has none: QEMU reaches
+    its server itself (argv.network_node)."""
+    if is_network(disk.path):
+        return DiskFds(None)
     chain = backing_chain(disk.path, disk.format, format_of=format_of)  # refused before anything changes
     if disk.readonly:
         top = _open(stack, disk.path, os.O_RDONLY)

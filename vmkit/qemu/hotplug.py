@@ -135,8 +135,9 @@ async def attach_disk(mon: Monitor, disk: DiskSpec, fds: DiskFds) -> None:
         for j, (fd, fmt) in reversed(list(enumerate(fds.backing, start=1))):
             fdsets.append(await mon.add_fd(fd, opaque=f"{node}-b{j}"))
             backing.insert(0, (_fdset(fdsets[-1]), fmt))
-        fdsets.append(await mon.add_fd(fds.fd, opaque=node))
-        for args in disk_blockdevs(disk, _fdset(fdsets[-1]), backing):
+        if fds.fd is not None:
+            fdsets.append(await mon.add_fd(fds.fd, opaque=node))
+        for args in disk_blockdevs(disk, disk.path if fds.fd is None else _fdset(fdsets[-1]), backing):
             await mon.blockdev_add(args)
             nodes.append(args["node-name"])
         await mon.device_add(disk_device(node, port))

@@ -23,7 +23,7 @@ import contextlib
 import functools
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,10 +160,12 @@ async def mirror(mon: Monitor, disks: dict[str, str], host: str, port: int, expo
 class Autopilot:
     """What libvirt leaves to its user: while the guest dirties memory faster than the link carries it (the RAM
     left to send stops shrinking for `patience_s`), allow a longer pause at the switch-over, doubling the downtime
-    limit from `start_ms` up to `max_ms`; still stuck at the limit, give up (the caller cancels cleanly)."""
+    limit from `start_ms` up to `max_ms`; still stuck at the limit, switch to post-copy when allowed (the guest
+    runs on the destination at once, which fetches the pages it lacks), else give up (the caller cancels)."""
 
     start_ms: int
     max_ms: int
+    postcopy: bool = False
     patience_s: float = 2.0
     limit_ms: int = 0
     _best: int | None = None
@@ -186,12 +188,26 @@ class Autopilot:
             return None
         self._since, self._best = now, left
         if self.limit_ms >= self.max_ms:
-            return GIVE_UP
+            return SWITCH_TO_POSTCOPY if self.postcopy else GIVE_UP
         self.limit_ms = min(self.max_ms, self.limit_ms * 2)
         return self.limit_ms
 
 
 GIVE_UP = -1
+SWITCH_TO_POSTCOPY = -2
+
+
+def _status_is(status: str, data: dict[str, Any]) -> bool:
+    return data.get("status") == status
+
+
+async def enable_postcopy(mon: Monitor) -> None:
+    """Allow post-copy on this side (both sides need it, before the migration starts). QEMU refuses it on a
+    destination that cannot use userfaultfd; that refusal is raised as MigrationError, with its words."""
+    try:
+        await mon.execute("migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+    except Exception as e:  # noqa: BLE001 - QMP's ExecuteError: QEMU's own reason
+        raise MigrationError(f"post-copy is not possible: {getattr(e, 'error_desc', None) or e}") from None
 
 
 async def migrate(
@@ -203,37 +219,61 @@ async def migrate(
     autopilot: Autopilot,
     progress: Callable[[dict[str, Any]], None],
     timeout_s: float,
+    on_postcopy: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Source: send the guest's RAM and device state (TLS); returns query-migrate's final answer. Raises
-    MigrationError (QEMU's reason) when it fails or is cancelled, or when the autopilot gave up."""
+    MigrationError (QEMU's reason) when it fails or is cancelled, or when the autopilot gave up.
+
+    With autopilot.postcopy, a migration that does not converge switches to post-copy: the source stops, the
+    destination takes the device state and must run the guest at once (on_postcopy, awaited once QEMU says
+    postcopy-active), and the pages still here follow. From the switch on, the guest's memory is split between
+    the hosts: a failure then cannot give it back to the source (QEMU pauses both sides, postcopy-paused)."""
     await enable_events(mon)
     params = {"tls-creds": TLS_ID, "tls-hostname": "", "max-bandwidth": max_bandwidth,
               "downtime-limit": autopilot.limit_ms}  # fmt: skip
     await mon.execute("migrate-set-parameters", params)
     shown = f"[{host}]" if ":" in host else host
-    gave_up = False
+    gave_up = switched = handed = False
     loop = asyncio.get_running_loop()
-    with mon.expect_event(EV_MIGRATION, ended) as done:
+    postcopy_active = functools.partial(_status_is, "postcopy-active")
+    with mon.expect_event(EV_MIGRATION, ended) as done, mon.expect_event(EV_MIGRATION, postcopy_active) as post:
         await mon.execute("migrate", {"uri": f"tcp:{shown}:{port}"})
         task = asyncio.ensure_future(wait_end(mon, done, timeout_s))
         try:
             while not task.done():
+                if post.future.done() and on_postcopy is not None and not handed:
+                    # The destination holds the device state and waits: it runs the guest from here on.
+                    handed = True
+                    try:
+                        await on_postcopy()
+                    except Exception as e:
+                        raise PostcopyFailed(getattr(e, "message", None) or str(e)) from e
+                info = {}
                 with contextlib.suppress(Exception):
                     info = await mon.execute("query-migrate")
+                if info:
                     progress(info)
                     step = autopilot.decide(info, loop.time())
-                    if step == GIVE_UP and not gave_up:
-                        gave_up = True
-                        await mon.execute("migrate_cancel")
-                    elif step is not None and step > 0:
-                        await mon.execute("migrate-set-parameters", {"downtime-limit": step})
-                await asyncio.wait({task}, timeout=0.2)
+                    with contextlib.suppress(Exception):
+                        if step == SWITCH_TO_POSTCOPY and not switched:
+                            switched = True
+                            await mon.execute("migrate-start-postcopy")
+                        elif step == GIVE_UP and not gave_up:
+                            gave_up = True
+                            await mon.execute("migrate_cancel")
+                        elif step is not None and step > 0:
+                            await mon.execute("migrate-set-parameters", {"downtime-limit": step})
+                await asyncio.wait({task, post.future}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
             try:
                 info = task.result()
             except MigrationFailed as e:
                 info = {"status": "cancelled" if gave_up else "failed", "error-desc": str(e)}
         finally:
             task.cancel()
+    if switched and post.future.done() and info.get("status") != "completed":
+        raise PostcopyFailed(str(info.get("error-desc") or info.get("status")))
+    info["postcopy"] = switched
+    info["handed_over"] = handed  # on_postcopy ran: the destination runs the guest already
     if gave_up and info.get("status") != "completed":
         raise MigrationError(
             f"it did not converge: the guest dirties its memory faster than the link carries it, even allowing "
@@ -278,3 +318,7 @@ def _ready_or_end(job: str) -> Callable[[dict[str, Any]], bool]:
 
 class MigrationError(Exception):
     """The migration failed; the text is QEMU's reason."""
+
+
+class PostcopyFailed(MigrationError):
+    """The migration failed after it switched to post-copy: the guest's memory is split between the hosts."""

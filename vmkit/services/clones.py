@@ -30,7 +30,7 @@ from vmkit.qemu import blocksnap
 from vmkit.qemu.monitor import Monitor
 from vmkit.services import journal
 from vmkit.services.operations import Progress
-from vmkit.services.snapshots import SnapshotService
+from vmkit.services.snapshots import SnapshotService, refuse_shared
 from vmkit.services.vms import VmRuntime, VmService, _qmp
 from vmkit.services.volumes import VolumeService
 from vmkit.storage import qemu_img
@@ -53,7 +53,7 @@ class CloneService:
 
     def check(self, src: str, req: CloneVm) -> None:
         """Refuse up front (404/409) what would fail anyway: no source, a taken name."""
-        self._vms.runtime(src)
+        refuse_shared(self._vms.runtime(src), "clones of a VM")
         if any(v.spec.name == req.name for v in self._vms.runtimes()):
             raise Conflict(f"a VM named {req.name!r} already exists")
 

@@ -83,9 +83,15 @@ class MigrationService:
             return
         if vm.state not in (VmState.RUNNING, VmState.PAUSED):
             raise Conflict(f"VM {name!r} is {vm.state}; a live migration needs it running or paused")
-        if not req.copy_storage:
+        if req.postcopy and any(not self._shared_disk(d) for d in vm.spec.disks):
+            # A disk mirror completes at the switch-over; after a switch to post-copy the guest writes there
+            # while the mirror could still be sending: its disks must not move at all.
+            raise InvalidInput("post-copy needs every disk on a shared pool (a copied disk cannot switch mid-way)")
+        local = [d.volume or d.name for d in vm.spec.disks if not self._shared_disk(d)]
+        if local and not req.copy_storage:
             raise InvalidInput(
-                "its disks are on local pools: give --copy-storage to copy them (shared pools are not there yet)"
+                f"disk(s) {', '.join(local)} are on local pools: give --copy-storage to copy them (or keep disks "
+                "on a shared pool, nfs or iscsi, that both hosts define)"
             )
         if vm.spec.cdroms and any(c.path for c in vm.spec.cdroms):
             raise Conflict(f"VM {name!r} has CD-ROM media in; eject them first (vm media eject)")
@@ -112,11 +118,16 @@ class MigrationService:
         finally:
             del self._outgoing[name]
 
+    def _shared_disk(self, d: DiskSpec) -> bool:
+        return d.volume is not None and self._volumes.shared(d.volume)
+
     def _incoming_body(self, vm: VmRuntime, **extra: Any) -> IncomingMigration:
         spec = vm.spec
         disks = [
-            IncomingDisk(disk=d.name, size_bytes=self._volumes.info(d.volume or "").capacity_bytes,
-                         format="qcow2" if d.format == "qcow2" else "raw")
+            IncomingDisk(disk=d.name, size_bytes=max(1, self._volumes.info(d.volume or "").capacity_bytes),
+                         format="qcow2" if d.format == "qcow2" else "raw",
+                         shared=d.volume if self._shared_disk(d) else None,
+                         location=d.path if self._shared_disk(d) else None)
             for d in spec.disks
             if d.volume
         ]  # fmt: skip
@@ -139,7 +150,7 @@ class MigrationService:
             client = self._remotes.client(req.remote, timeout_s=MIGRATION_TIMEOUT_S)
             sent: dict[str, str] = {}
             temps: list[str] = []
-            disks = [d for d in vm.spec.disks if d.volume]
+            disks = [d for d in vm.spec.disks if d.volume and not self._shared_disk(d)]
             try:
                 for i, d in enumerate(disks):
                     key = d.volume or ""
@@ -155,17 +166,18 @@ class MigrationService:
                     await self._send(client, req.remote, self._volumes.path(key), target, progress, i, len(disks))
                     sent[d.name] = f"{DEFAULT_POOL}/{target}"
                 crashpoint("migrate-offline-sent")
+                sent |= {d.name: d.volume for d in vm.spec.disks if d.volume and self._shared_disk(d)}
                 body = self._incoming_body(vm, volumes=sent)
                 await self._remotes.request(req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json"))
             except BaseException:
-                for key in sent.values():
+                for key in (k for k in sent.values() if not self._volumes.shared(k)):
                     with contextlib.suppress(Exception):
                         await self._remotes.request(req.remote, "DELETE", f"/v1/pools/{key.replace('/', '/volumes/')}")
                 raise
             finally:
                 for key in temps:
                     self._volumes.discard(key)
-        await self._vms.delete(name)
+        await self._vms.delete(name, leave_shared=True)
         progress(1.0, f"defined on {req.remote}")
         return {"vm": name, "remote": req.remote, "total_s": round(time.monotonic() - t0, 3), "downtime_ms": None,
                 "offline": True}  # fmt: skip
@@ -198,8 +210,8 @@ class MigrationService:
             self.check(name, req)
             if vm.monitor is None or vm.proc is None:
                 raise Conflict(f"VM {name!r} is not running")
-            disks = [d for d in vm.spec.disks if d.volume]
-            body = self._incoming_body(vm, host=host)
+            disks = [d for d in vm.spec.disks if d.volume and not self._shared_disk(d)]  # copied; shared ones stay
+            body = self._incoming_body(vm, host=host, postcopy=req.postcopy)
             progress(0.0, f"preparing {req.remote}")
             t0 = time.monotonic()
             ready = IncomingReady.model_validate(
@@ -232,30 +244,51 @@ class MigrationService:
 
                 bandwidth = req.bandwidth_mib_s * 1024 * 1024 if req.bandwidth_mib_s else MAX_BANDWIDTH
                 # The pause at the switch-over starts short and grows only while the guest outruns the link.
-                autopilot = qmig.Autopilot(start_ms=START_DOWNTIME_MS, max_ms=req.max_downtime_ms)
-                info = await _qmp(
-                    qmig.migrate(mon, host, ready.migration_port, max_bandwidth=bandwidth, autopilot=autopilot,
-                                 progress=report, timeout_s=MIGRATION_TIMEOUT_S)
-                )  # fmt: skip
+                autopilot = qmig.Autopilot(start_ms=START_DOWNTIME_MS, max_ms=req.max_downtime_ms,
+                                           postcopy=req.postcopy)  # fmt: skip
+                if req.postcopy:
+                    await _qmp(qmig.enable_postcopy(mon))
+
+                async def finish() -> None:
+                    nonlocal finishing
+                    finishing = True
+                    try:
+                        await self._remotes.request(
+                            req.remote, "POST", f"/v1/migrations/{ready.id}/finish", {"running": was_running}
+                        )
+                    except VmkitError:
+                        # Its answer may be what got lost: the guest must never run on both hosts.
+                        there = await self._runs_there(req.remote, vm)
+                        if there is None:
+                            raise Conflict(
+                                f"{req.remote} did not say whether it took {name!r} over: it stays paused here; if "
+                                f"it runs there, `vm stop --force {name}` here, else `vm resume {name}` here"
+                            ) from None
+                        if not there:
+                            raise
+                        log.warning("VM %s: %s runs it though its finish answer was lost", name, req.remote)
+
+                try:
+                    info = await _qmp(
+                        qmig.migrate(mon, host, ready.migration_port, max_bandwidth=bandwidth, autopilot=autopilot,
+                                     progress=report, timeout_s=MIGRATION_TIMEOUT_S, on_postcopy=finish)
+                    )  # fmt: skip
+                except VmkitError as e:
+                    if isinstance(e.__cause__, qmig.PostcopyFailed):
+                        raise e.__cause__ from None
+                    raise
                 await qmig.stop_mirrors(mon, jobs, [d.name for d in disks])
                 jobs = []
                 crashpoint("migrate-sent")
-                finishing = True
-                try:
-                    await self._remotes.request(
-                        req.remote, "POST", f"/v1/migrations/{ready.id}/finish", {"running": was_running}
-                    )
-                except VmkitError:
-                    # Its answer may be what got lost: the guest must never run on both hosts.
-                    there = await self._runs_there(req.remote, vm)
-                    if there is None:
-                        raise Conflict(
-                            f"{req.remote} did not say whether it took {name!r} over: it stays paused here; if it "
-                            f"runs there, `vm stop --force {name}` here, else `vm resume {name}` here"
-                        ) from None
-                    if not there:
-                        raise
-                    log.warning("VM %s: %s runs it though its finish answer was lost", name, req.remote)
+                if not info.get("handed_over"):
+                    await finish()
+            except qmig.PostcopyFailed as e:
+                # Past the switch the guest's memory is split between the hosts: neither side can run it alone.
+                shutil.rmtree(tls_dir, ignore_errors=True)
+                raise Conflict(
+                    f"post-copy of {name!r} to {req.remote} failed after the switch ({e}): the guest is paused on "
+                    f"both hosts; it can only be stopped (`vm stop --force {name}` on each)"
+                ) from None
             except BaseException as e:
                 if isinstance(e, Conflict) and finishing:
                     await qmig.drop_tls(mon)
@@ -273,13 +306,14 @@ class MigrationService:
             # The guest runs on the destination now: this copy goes, with its disks.
             await self._vms.halt(vm)
             shutil.rmtree(tls_dir, ignore_errors=True)
-        await self._vms.delete(name)
+        await self._vms.delete(name, leave_shared=True)
         progress(1.0, f"running on {req.remote}")
         return {
             "vm": name,
             "remote": req.remote,
             "total_s": round(time.monotonic() - t0, 3),
             "downtime_ms": info.get("downtime"),
+            "postcopy": bool(info.get("postcopy")),
             "ram_transferred_bytes": (info.get("ram") or {}).get("transferred"),
         }
 
@@ -323,9 +357,12 @@ class MigrationService:
         missing = sorted({n.network for n in spec.nics if n.network and not self._networks.exists(n.network)})
         if missing:
             raise Conflict(f"network(s) {', '.join(missing)} do not exist here; create them first")
-        available = _available_memory_mib()
-        if available and spec.memory_mib > available:
-            raise Conflict(f"not enough memory here for {spec.memory_mib} MiB ({available} MiB available)")
+        available, reserved = _available_memory_mib(), host_reserved_mib()
+        if available and spec.memory_mib > available - reserved:
+            kept = f", {reserved} MiB of them kept for the host" if reserved else ""
+            raise Conflict(
+                f"not enough memory here for {spec.memory_mib} MiB of {spec.name!r} ({available} MiB available{kept})"
+            )
         kernel = self._image_path(req.kernel_volume, "kernel") if spec.kernel else None
         initrd = self._image_path(req.initrd_volume, "initrd") if spec.initrd else None
         if req.volumes is not None:
@@ -338,11 +375,14 @@ class MigrationService:
         made: list[str] = []
         mid = uuid.uuid4().hex
         try:
-            disks = []
+            disks, shared = [], []
             for d in req.disks:
                 old = spec.disk(d.disk)
                 if old is None:
                     raise InvalidInput(f"the VM has no disk {d.disk}")
+                if d.shared is not None:
+                    shared.append(await self._shared_here(old, d.shared, d.location))
+                    continue
                 name = self._volumes.free_name(DEFAULT_POOL, f"{spec.name}-{d.disk}", f".{d.format}")
                 info = await self._volumes.create(
                     DEFAULT_POOL, CreateVolume(name=name, size_bytes=d.size_bytes, format=d.format)
@@ -350,7 +390,8 @@ class MigrationService:
                 made.append(info.key)
                 disks.append(DiskSpec(name=d.disk, path=info.path, format=d.format, volume=info.key,
                                       iops_total=old.iops_total, bps_total=old.bps_total))  # fmt: skip
-            new = spec.model_copy(update={"disks": disks, "kernel": kernel, "initrd": initrd, "bases": [],
+            new = spec.model_copy(update={"disks": _in_order(spec, disks + shared), "kernel": kernel,
+                                          "initrd": initrd, "bases": [],
                                           "cdroms": [c.model_copy(update={"path": None, "volume": None})
                                                      for c in spec.cdroms]})  # fmt: skip
             await self._vms.define(new, autostart=req.autostart)
@@ -369,6 +410,8 @@ class MigrationService:
             shutil.rmtree(tls_dir, ignore_errors=True)
             qmig.write_psk(tls_dir, psk, vm.uid if vm.uid is not None else 0)
             await qmig.add_tls(mon, tls_dir, endpoint="server")
+            if req.postcopy:
+                await qmig.enable_postcopy(mon)  # refused by a QEMU that cannot use userfaultfd here
             await qmig.serve_disks(mon, listener, {d.name: d.name for d in disks})
             ports["nbd"] = listener.getsockname()[1]
             ports["migration"] = await qmig.listen_migration(mon, host)
@@ -418,14 +461,41 @@ class MigrationService:
                 break
         self._alive.pop(mid, None)
 
+    async def _shared_here(self, disk: DiskSpec, key: str, location: str | None) -> DiskSpec:
+        """The disk on a shared volume, as this host reaches it: its pool must be defined here with the same
+        server (the same URL), and the volume is adopted here if this host has not seen it yet."""
+        pool = split_volume(key)[0]
+        try:
+            here_shared = self._volumes.shared(key)
+        except NotFound:
+            raise Conflict(f"disk {disk.name} is on shared pool {pool!r}, which is not defined here") from None
+        if not here_shared:
+            raise Conflict(f"pool {pool!r} here is a local pool, not the shared pool disk {disk.name} is on")
+        here = self._volumes.location(key)
+        if location is not None and here != location:
+            raise Conflict(f"pool {pool!r} here is {here.rpartition('/')[0]}, not the one the source uses")
+        with contextlib.suppress(NotFound):
+            self._volumes.row(key)
+            return disk.model_copy(update={"path": here, "volume": key})
+        await self._volumes.refresh(pool)
+        try:
+            self._volumes.row(key)
+        except NotFound:
+            raise Conflict(f"volume {key} is not on the server as this host sees it") from None
+        return disk.model_copy(update={"path": here, "volume": key})
+
     async def _define_offline(self, req: IncomingMigration, kernel: str | None, initrd: str | None) -> IncomingReady:
-        """An offline migration's VM: its disks are the volumes the source uploaded here."""
+        """An offline migration's VM: its disks are the volumes the source uploaded here (or shared ones)."""
         volumes = req.volumes or {}
+        shared = {d.disk: d for d in req.disks if d.shared is not None}
         disks = []
         for d in req.spec.disks:
             key = volumes.get(d.name)
             if key is None:
                 raise InvalidInput(f"no volume given for disk {d.name}")
+            if d.name in shared:
+                disks.append(await self._shared_here(d, key, shared[d.name].location))
+                continue
             row = self._volumes.row(key)
             if row.format not in ("raw", "qcow2") or row.backing:
                 raise InvalidInput(f"{key} is not a standalone disk image")
@@ -452,7 +522,7 @@ class MigrationService:
             if vm.monitor is None:
                 raise Conflict(f"the QEMU of incoming VM {vm.spec.name!r} is gone")
             status = await _qmp(_incoming_status(vm.monitor))
-            if status != "completed":
+            if status not in ("completed", "postcopy-active"):
                 raise Conflict(f"the migration has not completed here (QEMU says {status})")
             await _qmp(qmig.finish_incoming(vm.monitor, run=req.running))
             # The guest is this host's from here on, whatever else fails.
@@ -460,6 +530,8 @@ class MigrationService:
             self._store.set_journal(vm.spec.name, None)
             del self._incoming[mid]
             crashpoint("incoming-finished")
+            if status == "postcopy-active":
+                return vm.info()  # the pages still coming use the TLS object; a next migration drops it
             with contextlib.suppress(Exception):
                 await qmig.drop_tls(vm.monitor)
             shutil.rmtree(vm.paths.vm_dir / "migration-tls", ignore_errors=True)
@@ -481,12 +553,27 @@ class MigrationService:
         async with vm.lock:
             await self._vms.halt(vm)
             shutil.rmtree(vm.paths.vm_dir / "migration-tls", ignore_errors=True)
-        await self._vms.delete(vm.spec.name)
+        await self._vms.delete(vm.spec.name, leave_shared=True)  # a shared disk is still the source's
         self._store.set_journal(vm.spec.name, None)
 
     async def recover(self) -> None:
         """A destination daemon that died with a VM still coming: that VM never ran here; remove it."""
         await journal.recover(self._store, self._vms, ("incoming",), lambda vm, _: self._drop_incoming(vm))
+
+
+def _in_order(spec: Any, disks: list[DiskSpec]) -> list[DiskSpec]:
+    """disks in the order the VM has them (copied and shared ones were gathered apart)."""
+    order = {d.name: i for i, d in enumerate(spec.disks)}
+    return sorted(disks, key=lambda d: order.get(d.name, len(order)))
+
+
+def host_reserved_mib() -> int:
+    """Memory this host keeps for itself, never promised to an incoming VM (VMKIT_HOST_RESERVED_MIB, as the
+    reserve Proxmox and oVirt keep for the host; 0 by default)."""
+    try:
+        return max(0, int(os.environ.get("VMKIT_HOST_RESERVED_MIB", "0")))
+    except ValueError:
+        return 0
 
 
 def incoming_stall_s() -> float:
@@ -498,7 +585,7 @@ async def _incoming_status(mon: Monitor) -> str:
     """The incoming migration's status here; it may take a moment after the source's to say completed."""
     for _ in range(50):
         status = str((await mon.execute("query-migrate")).get("status", "none"))
-        if status in ("completed", "failed", "cancelled"):
+        if status in ("completed", "failed", "cancelled", "postcopy-active"):
             return status
         await asyncio.sleep(0.1)
     return status

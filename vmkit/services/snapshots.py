@@ -34,6 +34,7 @@ from vmkit.model.snapshot import CreateSnapshot, SnapshotInfo, SnapshotRecord
 from vmkit.model.storage import DEFAULT_POOL, split_volume
 from vmkit.model.vm import DiskSpec, VmInfo, VmSpec, VmState
 from vmkit.qemu import blocksnap
+from vmkit.qemu.argv import is_network
 from vmkit.qemu.monitor import JobFailed, Monitor
 from vmkit.services import journal
 from vmkit.services.vms import VmRuntime, VmService, _qmp
@@ -154,6 +155,7 @@ class SnapshotService:
             missing = [d.name for d in disks if d.volume is None]
             if missing:
                 raise Conflict(f"disk(s) {', '.join(missing)} are not volumes yet; restart the daemon to adopt them")
+            refuse_shared(vm, "snapshots")
             rec = SnapshotRecord(
                 name=req.name,
                 kind="external" if req.disk_only else "internal",
@@ -576,3 +578,11 @@ def _repoint(d: DiskSpec, key: str | None, volumes: VolumeService, *, owned: boo
     if key is None:
         return d
     return d.model_copy(update={"volume": key, "path": str(volumes.path(key)), "format": "qcow2", "owned": owned})
+
+
+def refuse_shared(vm: VmRuntime, what: str) -> None:
+    """Snapshots and VM clones make overlays beside a disk, and a shared pool holds standalone images only
+    (services/sharedpools.py): refused, naming the disks (a volume clone makes a full copy instead)."""
+    shared = [f"{d.name} ({d.volume})" for d in vm.spec.disks if is_network(d.path)]
+    if shared:
+        raise Conflict(f"{what} are not supported for disks on shared pools yet: {', '.join(shared)}")

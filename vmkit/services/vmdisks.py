@@ -15,6 +15,7 @@ from typing import Any
 from vmkit.errors import Conflict, InvalidInput, NotFound
 from vmkit.model.vm import MAX_CDROMS, MAX_DISKS, AttachDisk, CdromSpec, ChangeMedia, DiskSpec, VmState
 from vmkit.qemu import hotplug
+from vmkit.qemu.argv import is_network
 from vmkit.qemu.handover import open_disk, open_medium
 from vmkit.services.vms import VmRuntime, VmService, _qmp
 from vmkit.services.volumes import VolumeService
@@ -48,7 +49,7 @@ class VmDiskService:
             node = next(f"disk{i}" for i in range(MAX_DISKS + 1) if f"disk{i}" not in taken)
             disk = DiskSpec(
                 name=node,
-                path=str(self._volumes.path(req.volume)),
+                path=self._volumes.location(req.volume),
                 format=self._volumes.qemu_format(req.volume),  # type: ignore[arg-type]
                 volume=self._volumes.row(req.volume).key,
                 owned=False,
@@ -90,7 +91,7 @@ class VmDiskService:
     def _forget(self, vm: VmRuntime, disk: DiskSpec) -> None:
         vm.pending_detach.discard(disk.name)
         self._vms.save_spec(vm, vm.spec.model_copy(update={"disks": [d for d in vm.spec.disks if d is not disk]}))
-        if disk.owned:
+        if disk.owned and not is_network(disk.path):
             with contextlib.suppress(OSError):
                 os.chown(disk.path, 0, 0)  # no VM's identity keeps a right on a volume it no longer has
 

@@ -34,7 +34,7 @@ from vmkit.net import links
 from vmkit.qemu import monitor as qmp
 from vmkit.qemu import process, savevm
 from vmkit.qemu.agent import Agent, ExecResult
-from vmkit.qemu.argv import HostConfig, RuntimePaths, qemu_argv
+from vmkit.qemu.argv import HostConfig, RuntimePaths, is_network, qemu_argv
 from vmkit.qemu.handover import open_handover
 from vmkit.services import limits
 from vmkit.services.events import EventBus
@@ -634,22 +634,23 @@ class VmService:
             return f"disk{len(disks)}"
 
         iops_first, bps_first = req.disk_iops_total, req.disk_bps_total
+        first_pool = req.pool or DEFAULT_POOL
         if base is not None:
             base_row = self._volumes.row(base)
             ext = ".qcow2" if base_row.format == "qcow2" else ".raw"
-            name = self._volumes.free_name(DEFAULT_POOL, f"{req.name}-disk0", ext if req.image_copy else ".qcow2")
+            name = self._volumes.free_name(first_pool, f"{req.name}-disk0", ext if req.image_copy else ".qcow2")
             if req.image_copy:
-                info = await self._volumes.clone(base, CloneVolume(target=f"{DEFAULT_POOL}/{name}"))
+                info = await self._volumes.clone(base, CloneVolume(target=f"{first_pool}/{name}"))
             else:
-                info = await self._volumes.create_overlay(DEFAULT_POOL, name, base, req.disk_size_bytes)
+                info = await self._volumes.create_overlay(first_pool, name, base, req.disk_size_bytes)
             made(info.key)
             disks.append(
                 DiskSpec(name=next_name(), path=info.path, format=info.format, volume=info.key,  # type: ignore[arg-type]
                          backing_image=req.image, iops_total=iops_first, bps_total=bps_first)
             )  # fmt: skip
         elif req.disk_size_bytes:
-            name = self._volumes.free_name(DEFAULT_POOL, f"{req.name}-disk0", ".qcow2")
-            info = await self._volumes.create(DEFAULT_POOL, CreateVolume(name=name, size_bytes=req.disk_size_bytes))
+            name = self._volumes.free_name(first_pool, f"{req.name}-disk0", ".qcow2")
+            info = await self._volumes.create(first_pool, CreateVolume(name=name, size_bytes=req.disk_size_bytes))
             made(info.key)
             disks.append(
                 DiskSpec(name=next_name(), path=info.path, format="qcow2", volume=info.key,
@@ -662,11 +663,11 @@ class VmService:
                     raise InvalidInput(f"volume {d.volume} is given twice")
                 row = self._volumes.row(d.volume)
                 disks.append(
-                    DiskSpec(name=next_name(), path=str(self._volumes.path(row.key)), format=row.format,  # type: ignore[arg-type]
+                    DiskSpec(name=next_name(), path=self._volumes.location(row.key), format=row.format,  # type: ignore[arg-type]
                              volume=row.key, owned=False, iops_total=d.iops_total, bps_total=d.bps_total)
                 )  # fmt: skip
                 continue
-            pool = d.pool or DEFAULT_POOL
+            pool = d.pool or first_pool
             name = self._volumes.free_name(pool, f"{req.name}-{next_name()}", f".{d.format}")
             assert d.size_bytes is not None  # DiskRequest: a size or a volume
             info = await self._volumes.create(
@@ -793,13 +794,18 @@ class VmService:
     def volume_running_users(self, key: str) -> list[str]:
         return [n for n in self._vm_users(key) if self._vms[n].state.active or self._vms[n].proc is not None]
 
-    async def delete(self, name: str, *, keep_disks: bool = False) -> None:
+    async def delete(self, name: str, *, keep_disks: bool = False, leave_shared: bool = False) -> None:
+        """Forget a VM and delete the volumes it owns (unless keep_disks). leave_shared: its volumes on shared
+        pools stay (it runs on another host now, or never came here: a migration's end)."""
         vm = self._get(name)
         async with vm.lock:
             if vm.state.active:
                 raise Conflict(f"VM {name!r} is {vm.state}; stop it first")
             # Its disks and the images only its snapshots name (services/snapshots.py).
-            owned = [d.volume for d in vm.spec.disks if d.owned and d.volume]
+            owned = [
+                d.volume for d in vm.spec.disks
+                if d.owned and d.volume and not (leave_shared and is_network(d.path))
+            ]  # fmt: skip
             owned += [k for k in [*self.snapshot_images(name), *vm.spec.bases] if k not in owned]
             if not keep_disks:
                 for key in owned:
@@ -812,7 +818,7 @@ class VmService:
             # The row goes first: a crash after it leaves the disks as volumes of no VM (kept), never a VM
             # whose disks are gone.
             for d in vm.spec.disks:
-                if d.owned:
+                if d.owned and not is_network(d.path):
                     with contextlib.suppress(OSError):
                         os.chown(d.path, 0, 0)  # its identity may go to another VM later
             saves = self.saved_images(vm)  # its managed save: useless without the VM, whatever keep_disks says

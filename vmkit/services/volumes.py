@@ -30,6 +30,7 @@ from vmkit.model.storage import (
     BackingInfo,
     CloneVolume,
     ConvertVolume,
+    CreatePool,
     CreateVolume,
     PoolInfo,
     ResizeVolume,
@@ -39,6 +40,7 @@ from vmkit.model.storage import (
 )
 from vmkit.services.operations import Progress
 from vmkit.services.pools import PoolService
+from vmkit.services.sharedpools import SharedPools
 from vmkit.storage import files, qemu_img
 from vmkit.storage.qcow2 import ImageError, backing_chain, has_external_data, virtual_size
 from vmkit.store.db import Store, VolumeRow
@@ -53,9 +55,10 @@ def _no_progress(fraction: float, message: str) -> None:
 
 
 class VolumeService:
-    def __init__(self, *, store: Store, pools: PoolService) -> None:
+    def __init__(self, *, store: Store, pools: PoolService, shared: SharedPools) -> None:
         self._store = store
         self._pools = pools
+        self._shared = shared
         self._locks: dict[str, asyncio.Lock] = {}
         # Set by the daemon once VMs are loaded: which VMs use a volume, and which of them run.
         self._users: Callable[[str], list[str]] = lambda key: []
@@ -81,8 +84,19 @@ class VolumeService:
             raise InvalidInput(str(e)) from None
 
     def path(self, key: str) -> Path:
+        """The local file of a volume of a dir pool (409 for a shared pool's: see location)."""
         pool, name = self._split(key)
         return files.resolve(self._pools.dir(pool), name)
+
+    def location(self, key: str) -> str:
+        """Where QEMU finds the volume: its file's path, or a shared volume's URL (what DiskSpec.path holds)."""
+        pool, name = self._split(key)
+        spec = self._pools.get(pool)
+        return self._shared.location(spec, name) if spec.shared else str(files.resolve(Path(spec.path), name))
+
+    def shared(self, key: str) -> bool:
+        """Whether the volume lives on a storage server other hosts may reach too (an nfs or iscsi pool)."""
+        return self._pools.get(self._split(key)[0]).shared
 
     def _path_of(self, row: VolumeRow) -> Path:
         return files.resolve(self._pools.dir(row.pool), row.name)
@@ -130,6 +144,12 @@ class VolumeService:
         return self._info(self.row(key), chain=chain)
 
     def _info(self, row: VolumeRow, *, chain: bool = False) -> VolumeInfo:
+        pool = self._pools.get(row.pool)
+        if pool.shared:
+            capacity, allocation = self._shared.sizes(row.key)  # as of the last scan of the server
+            return self._info_of(
+                row, self._shared.location(pool, row.name), capacity, allocation, [] if chain else None
+            )
         path = self._path_of(row)
         try:
             capacity = virtual_size(path, row.format)
@@ -153,11 +173,16 @@ class VolumeService:
                 )
         elif chain:
             chain_info = []
+        return self._info_of(row, str(path), capacity, allocation, chain_info)
+
+    def _info_of(
+        self, row: VolumeRow, path: str, capacity: int, allocation: int, chain_info: list[BackingInfo] | None
+    ) -> VolumeInfo:
         return VolumeInfo(
             pool=row.pool,
             name=row.name,
             key=row.key,
-            path=str(path),
+            path=path,
             format=row.format,  # type: ignore[arg-type]
             prealloc=row.prealloc,
             provisioning=provisioning(row.format, row.prealloc),
@@ -168,14 +193,31 @@ class VolumeService:
             chain=chain_info,
         )
 
-    def all(self, pool: str | None = None) -> list[VolumeInfo]:
+    async def scan(self, pool: str | None = None) -> None:
+        """Read shared pools' servers again (volumes made or deleted by other hosts, sizes, free space) before a
+        listing; a server that does not answer leaves its pool marked inactive, and the listing goes on."""
+        for spec in self._pools.all():
+            if spec.shared and pool in (None, spec.name):
+                with contextlib.suppress(VmkitError):
+                    await self._shared.scan(spec, self._users)
+
+    async def all(self, pool: str | None = None) -> list[VolumeInfo]:
         if pool is not None:
             self._pools.get(pool)
+        await self.scan(pool)
         return [self._info(r) for r in self._store.volumes(pool) if r.state == "ready"]
 
     def pool_info(self, name: str) -> PoolInfo:
+        """A pool's figures; a shared pool's as of its last scan."""
         pool = self._pools.get(name)
         rows = [r for r in self._store.volumes(name) if r.state == "ready"]
+        if pool.shared:
+            st = self._shared.stats(name)
+            return PoolInfo(
+                name=pool.name, kind=pool.kind, path=pool.path, shared=True, active=st.active,
+                capacity_bytes=st.capacity_bytes, available_bytes=st.available_bytes, volumes=len(rows),
+                allocation_bytes=sum(self._shared.sizes(r.key)[1] for r in rows),
+            )  # fmt: skip
         active = os.path.isdir(pool.path)
         capacity = available = None
         allocation = 0
@@ -195,11 +237,25 @@ class VolumeService:
             volumes=len(rows),
         )
 
-    def pools(self) -> list[PoolInfo]:
+    async def pools(self) -> list[PoolInfo]:
+        await self.scan()
         return [self.pool_info(p.name) for p in self._pools.all()]
+
+    async def create_pool(self, req: CreatePool) -> PoolInfo:
+        await self._pools.create(req)
+        await self.scan(req.name)
+        return self.pool_info(req.name)
+
+    def delete_pool(self, name: str) -> None:
+        in_use = sorted({u for r in self._store.volumes(name) for u in self._users(r.key)})
+        self._pools.delete(name, in_use)
 
     def check_free(self, pool: str, name: str) -> None:
         """Refuse (404/409) a new volume POOL/NAME up front: no such pool, or the name is taken."""
+        if self._pools.get(pool).shared:
+            if self._store.volume(pool, name) is not None:
+                raise Conflict(f"volume {pool}/{name} already exists")
+            return  # the server is asked when the volume is made
         directory = self._pools.dir(pool)
         final = files.resolve(directory, name)
         if self._store.volume(pool, name) is not None:
@@ -210,6 +266,10 @@ class VolumeService:
     def check_room(self, pool: str, size_bytes: int, prealloc: str) -> None:
         """A thick volume takes its whole size now: refuse it up front when the pool's filesystem lacks the room,
         rather than filling the disk and failing at the end."""
+        spec = self._pools.get(pool)
+        if spec.shared:
+            self._shared.refuse_thick(spec, prealloc)
+            return
         if prealloc in ("falloc", "full"):
             _, available = files.fs_space(self._pools.dir(pool))
             if size_bytes > available:
@@ -218,11 +278,13 @@ class VolumeService:
                 )
 
     def free_name(self, pool: str, stem: str, ext: str) -> str:
-        """`stem.ext`, or `stem-N.ext` when taken (by a row or a stray file)."""
-        directory = self._pools.dir(pool)
+        """`stem.ext`, or `stem-N.ext` when taken (by a row or a stray file; a shared pool's rows, as of its last
+        scan: a clash with a file made since is refused when the volume is made)."""
+        spec = self._pools.get(pool)
         for n in range(1000):
             name = f"{stem}{'' if n == 0 else f'-{n}'}{ext}"
-            if self._store.volume(pool, name) is None and not os.path.lexists(directory / name):
+            stray = not spec.shared and os.path.lexists(Path(spec.path) / name)
+            if self._store.volume(pool, name) is None and not stray:
                 return name
         raise Conflict(f"no free volume name like {stem}{ext} in pool {pool!r}")
 
@@ -231,6 +293,10 @@ class VolumeService:
         """Finish or undo what a crash cut short (see the module's invariants). Run at daemon start."""
         for row in self._store.volumes():
             if row.state == "ready":
+                continue
+            spec = self._pools.get(row.pool)
+            if spec.shared:
+                self._shared.recover(spec, row)
                 continue
             try:
                 final = self._path_of(row)
@@ -250,7 +316,7 @@ class VolumeService:
             self._store.delete_volume(row.pool, row.name)
         for pool in self._pools.all():
             directory = Path(pool.path)
-            if not directory.is_dir():
+            if pool.shared or not directory.is_dir():
                 continue
             for entry in directory.iterdir():
                 if files.is_temp(entry.name):
@@ -290,6 +356,11 @@ class VolumeService:
         if req.format == "raw" and req.prealloc == "metadata":
             raise InvalidInput("raw volumes have no metadata to preallocate: use off, falloc or full")
         self.check_room(pool, req.size_bytes, req.prealloc)
+        spec = self._pools.get(pool)
+        if spec.shared:
+            progress(0.0, f"creating {pool}/{req.name}")
+            await self._shared.create(spec, req.name, fmt=req.format, size_bytes=req.size_bytes, prealloc=req.prealloc)
+            return self.info(f"{pool}/{req.name}")
         with self._reserve(pool, req.name, fmt=req.format, prealloc=req.prealloc, backing=None) as (tmp, _):
             progress(0.0, f"creating {pool}/{req.name}")
             await asyncio.to_thread(
@@ -303,6 +374,12 @@ class VolumeService:
         if base.format == "iso":
             raise InvalidInput(f"{backing_key} is an ISO image; it cannot back a disk")
         refuse_save(base, "back a disk")
+        for key, role in ((backing_key, "the base"), (f"{pool}/{name}", "the overlay")):
+            if self.shared(key):
+                raise InvalidInput(
+                    f"{role} is on shared pool {key.partition('/')[0]!r}: shared pools hold standalone images only "
+                    "(make a full copy: volume clone without --linked, or vm create --copy)"
+                )
         base_path = self._path_of(base)
         base_size = virtual_size(base_path, base.format)
         if size_bytes is not None and size_bytes < base_size:
@@ -333,6 +410,19 @@ class VolumeService:
             if not frozen and self._running_users(src_key):
                 # A running guest writes under us: the copy would be torn.
                 raise Conflict(f"{src_key} is in use by running VM(s) {', '.join(self._running_users(src_key))}")
+            target = self._pools.get(pool)
+            if target.shared or self.shared(src_key):
+                if target.shared:
+                    self.check_free(pool, name)
+
+                    def report_in(f: float) -> None:
+                        progress(f, f"copying {src_key}")
+
+                    await self._shared.copy_in(
+                        self.location(src_key), src.format, target, name, self._disk_format(src), report_in
+                    )
+                    return self.info(req.target)
+                return await self._copy_out(src, pool, name, progress)
             src_path = self._path_of(src)
             with self._reserve(pool, name, fmt=src.format, prealloc=src.prealloc, backing=None) as (tmp, _):
                 progress(0.0, f"copying {src_key}")
@@ -351,6 +441,24 @@ class VolumeService:
                         qemu_img.convert, src_path, src.format, tmp, src.format, prealloc="off", progress=report
                     )
         return self.info(req.target)
+
+    @staticmethod
+    def _disk_format(row: VolumeRow) -> str:
+        if row.format not in ("raw", "qcow2"):
+            raise InvalidInput(f"{row.key} is a {row.format} image: only disk images go to a shared pool")
+        return row.format
+
+    async def _copy_out(self, src: VolumeRow, pool: str, name: str, progress: Progress) -> VolumeInfo:
+        """A shared volume copied into a dir pool (through qemu-img's network driver)."""
+        with self._reserve(pool, name, fmt=src.format, prealloc="off", backing=None) as (tmp, _):
+
+            def report(f: float) -> None:
+                progress(f, f"copying {src.key}")
+
+            await asyncio.to_thread(
+                qemu_img.convert, qemu_img.Url(self.location(src.key)), src.format, tmp, src.format, progress=report
+            )
+        return self.info(f"{pool}/{name}")
 
     async def copy_image(self, src_key: str, pool: str, name: str) -> VolumeInfo:
         """A byte-for-byte copy of a volume's file (holes kept): the same backing image and the same internal
@@ -455,7 +563,10 @@ class VolumeService:
 
     async def refresh(self, pool: str) -> dict[str, list[str] | list[dict[str, str]]]:
         """Adopt image files dropped into the pool's directory; drop rows whose file is gone (unless a VM uses
-        them). Returns what was adopted, skipped (with why) and forgotten."""
+        them). Returns what was adopted, skipped (with why) and forgotten. A shared pool: its server is read."""
+        spec = self._pools.get(pool)
+        if spec.shared:
+            return await self._shared.scan(spec, self._users)
         directory = self._pools.dir(pool)
         if not directory.is_dir():
             raise Conflict(f"the directory of pool {pool!r} ({directory}) is missing")
@@ -504,6 +615,10 @@ class VolumeService:
         if row is None:
             return
         self._store.update_volume(pool, name, state="deleting")
+        spec = self._pools.get(pool)
+        if spec.shared:
+            self._shared.recover(spec, self._store.volume(pool, name) or row)  # removes it (or leaves it for a start)
+            return
         with contextlib.suppress(FileNotFoundError, VmkitError):
             self._path_of(row).unlink()
         self._store.delete_volume(pool, name)
@@ -588,6 +703,10 @@ class VolumeService:
             deps = self.dependents(key)
             if deps:
                 raise Conflict(f"cannot delete {key}: volume(s) {', '.join(deps)} are backed by it")
+            spec = self._pools.get(row.pool)
+            if spec.shared:
+                await self._shared.delete(row, spec)
+                return
             path = self._path_of(row)
             self._store.update_volume(row.pool, row.name, state="deleting")
             with contextlib.suppress(FileNotFoundError):

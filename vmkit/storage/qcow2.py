@@ -27,6 +27,7 @@ EXT_END = 0
 MAX_CHAIN = 64  # a loop or an absurd chain is refused rather than followed forever
 # Incompatible feature bit 2: the guest data lives in an external file named in the header.
 INCOMPAT_EXTERNAL_DATA = 1 << 2
+HEADER_BYTES = 104  # a v3 header up to its incompatible-features field
 
 
 class ImageError(VmkitError):
@@ -39,16 +40,29 @@ class Backing:
     format: str  # "qcow2" or "raw": as vmkit recorded it (format_of), else as in the header, else probed
 
 
+@dataclass(frozen=True)
+class Header:
+    virtual_size: int
+    incompatible: int  # incompatible feature bits
+    backing_offset: int  # 0: no backing file
+
+
+def parse_header(head: bytes) -> Header | None:
+    """The fields vmkit reads from a qcow2 header's first 104 bytes; None when they are no qcow2 header."""
+    if head[:4] != MAGIC or len(head) < 32:
+        return None
+    version = struct.unpack(">I", head[4:8])[0]
+    incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
+    return Header(struct.unpack(">Q", head[24:32])[0], incompatible, struct.unpack(">Q", head[8:16])[0])
+
+
 def _sizes(path: str | Path) -> tuple[int, int]:
     """(virtual size, incompatible feature bits) from a qcow2 header."""
     with open(path, "rb") as f:
-        head = f.read(104)
-    if head[:4] != MAGIC or len(head) < 32:
+        header = parse_header(f.read(HEADER_BYTES))
+    if header is None:
         raise ImageError(f"{path} is not a qcow2 image")
-    version = struct.unpack(">I", head[4:8])[0]
-    size = struct.unpack(">Q", head[24:32])[0]
-    incompatible = struct.unpack(">Q", head[72:80])[0] if version >= 3 and len(head) >= 80 else 0
-    return size, incompatible
+    return header.virtual_size, header.incompatible
 
 
 def virtual_size(path: str | Path, fmt: str) -> int:

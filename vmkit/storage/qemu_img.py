@@ -89,9 +89,20 @@ def _check_size(size_bytes: int, *, zero_ok: bool = False) -> int:
     return size_bytes
 
 
-def _arg(path: Path) -> str:
+class Url(str):
+    """A shared volume's URL (nfs://…, iscsi://…, built by vmkit from checked parts: services/sharedpools.py):
+    passed to qemu-img as it is, for its network drivers. The server owns the file: nothing here checks for it,
+    chmods or removes it (the shared-pool code names and renames files itself)."""
+
+
+Target = Path | Url
+
+
+def _arg(path: Target) -> str:
     """path as one qemu-img argument: relative paths get "./", so "-x" is no option and "nbd:x" no protocol
-    (qemu-img takes a name for a protocol when a ":" comes before any "/")."""
+    (qemu-img takes a name for a protocol when a ":" comes before any "/"). A Url goes as it is."""
+    if isinstance(path, Url):
+        return str(path)
     s = os.fspath(path)
     if not s:
         raise ValueError("empty path")
@@ -108,7 +119,7 @@ def _backing_arg(path: Path) -> str:
     return "./" + s if colon >= 0 and (slash < 0 or colon < slash) else s
 
 
-def _failure(result: Result, target: Path) -> VmkitError:
+def _failure(result: Result, target: Target) -> VmkitError:
     """The error for a failed qemu-img run about target."""
     if _ENOSPC_TEXT in result.stderr:
         return NoSpace(f"no space left on the filesystem holding {target}")
@@ -118,28 +129,30 @@ def _failure(result: Result, target: Path) -> VmkitError:
     return CommandFailed(f"qemu-img {verb} failed on {target}: {tail}")
 
 
-def _raise_for(result: Result, target: Path) -> None:
+def _raise_for(result: Result, target: Target) -> None:
     if not result.ok:
         raise _failure(result, target)
 
 
-def _qemu_img(args: Sequence[str], target: Path, *, timeout_s: float | None = 600, limits: bool = False) -> Result:
+def _qemu_img(args: Sequence[str], target: Target, *, timeout_s: float | None = 600, limits: bool = False) -> Result:
     argv = [*(_INFO_LIMITS if limits else []), QEMU_IMG, *args]
     result = run([*_DIE_WITH_DAEMON, *argv], check=False, env=_ENV, timeout_s=timeout_s)
     _raise_for(result, target)
     return result
 
 
-def _refuse_existing(path: Path) -> None:
+def _refuse_existing(path: Target) -> None:
     # qemu-img create and convert truncate an existing file: never let them near a volume that exists.
-    if os.path.lexists(path):
+    if not isinstance(path, Url) and os.path.lexists(path):
         raise Conflict(f"{path} already exists")
 
 
-def _made(path: Path) -> None:
+def _made(path: Target) -> None:
     """Finish a file qemu-img made: private (its umask left it world-readable, and a disk holds a guest's
     data) and on stable storage (convert writes with cache=unsafe, so nothing is flushed until this), so a
-    rename that follows cannot outlive a crash without its data."""
+    rename that follows cannot outlive a crash without its data. (On NFS, qemu-img's own close commits it.)"""
+    if isinstance(path, Url):
+        return
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fchmod(fd, 0o600)
@@ -152,8 +165,13 @@ def _made(path: Path) -> None:
         os.close(fd)
 
 
+def _unlink(path: Target) -> None:
+    if not isinstance(path, Url):
+        path.unlink(missing_ok=True)
+
+
 def create(
-    path: Path,
+    path: Target,
     *,
     fmt: str,
     size_bytes: int,
@@ -194,7 +212,7 @@ def create(
         _qemu_img(args, path, timeout_s=None if prealloc in ("falloc", "full") else 600)
         _made(path)
     except BaseException:
-        path.unlink(missing_ok=True)
+        _unlink(path)
         raise
 
 
@@ -268,9 +286,9 @@ def _progress_reader(progress: Callable[[float], None]) -> Callable[[str], None]
 
 
 def convert(
-    src: Path,
+    src: Target,
     src_fmt: str,
-    dst: Path,
+    dst: Target,
     dst_fmt: str,
     *,
     prealloc: str = "off",
@@ -295,7 +313,8 @@ def convert(
     paths = [_arg(src), _arg(dst)]
     _refuse_existing(dst)
     try:
-        for cache in (["-t", "none"], []):  # the page cache only where the filesystem has no O_DIRECT
+        # The page cache only where the filesystem has no O_DIRECT (a network target has no host cache anyway).
+        for cache in ([] if isinstance(dst, Url) else ["-t", "none"], []):
             argv = [QEMU_IMG, *args, *cache, *paths]
             # As long as the data takes to copy: no time limit.
             if progress is None:
@@ -306,11 +325,11 @@ def convert(
                 )
             if result.ok or _NO_O_DIRECT not in result.stderr:
                 break
-            dst.unlink(missing_ok=True)
+            _unlink(dst)
         _raise_for(result, dst)
         _made(dst)
     except BaseException:
-        dst.unlink(missing_ok=True)
+        _unlink(dst)
         raise
     if progress is not None:
         progress(1.0)
