@@ -219,11 +219,11 @@ def test_a_wrong_token_certificate_or_too_little_memory_there(hosts: tuple[Daemo
     b.cli("token", "revoke", "from-a")
     refused("token was refused")
     readd(j(b, "token", "create", "from-a-again")["secret"])
-    # b keeps all but 128 MiB of what it has for itself: no room for 256 MiB.
+    # b keeps more for itself than the host has free (MemAvailable moves by hundreds of MiB as VMs come and go).
     with open("/proc/meminfo") as f:
         available = next(int(line.split()[1]) // 1024 for line in f if line.startswith("MemAvailable:"))
     b.stop()
-    b.env["VMKIT_HOST_RESERVED_MIB"] = str(available - 128)
+    b.env["VMKIT_HOST_RESERVED_MIB"] = str(available + 4096)
     b.start()
     try:
         refused("not enough memory")

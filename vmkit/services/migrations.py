@@ -411,7 +411,10 @@ class MigrationService:
             qmig.write_psk(tls_dir, psk, vm.uid if vm.uid is not None else 0)
             await qmig.add_tls(mon, tls_dir, endpoint="server")
             if req.postcopy:
-                await qmig.enable_postcopy(mon)  # refused by a QEMU that cannot use userfaultfd here
+                try:
+                    await qmig.enable_postcopy(mon)  # refused by a QEMU that cannot use userfaultfd here
+                except qmig.MigrationError as e:
+                    raise Conflict(f"{e}{_userfaultfd_hint()}") from None
             await qmig.serve_disks(mon, listener, {d.name: d.name for d in disks})
             ports["nbd"] = listener.getsockname()[1]
             ports["migration"] = await qmig.listen_migration(mon, host)
@@ -565,6 +568,21 @@ def _in_order(spec: Any, disks: list[DiskSpec]) -> list[DiskSpec]:
     """disks in the order the VM has them (copied and shared ones were gathered apart)."""
     order = {d.name: i for i, d in enumerate(spec.disks)}
     return sorted(disks, key=lambda d: order.get(d.name, len(order)))
+
+
+def _userfaultfd_hint() -> str:
+    """Why QEMU here may have refused post-copy, when the host says so: QEMU 7.2 creates its userfaultfd with the
+    system call, which an unprivileged process may only use when vm.unprivileged_userfaultfd is 1 (vmkit never
+    gives QEMU CAP_SYS_PTRACE instead: with it, a VM's QEMU could ptrace root's processes)."""
+    try:
+        if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "0":
+            return (
+                " (QEMU runs unprivileged, and this host's vm.unprivileged_userfaultfd is 0: post-copy needs it "
+                "set to 1 by the administrator; migrate without --postcopy)"
+            )
+    except OSError:
+        pass
+    return ""
 
 
 def host_reserved_mib() -> int:
