@@ -241,3 +241,37 @@ def test_a_wrong_token_certificate_or_too_little_memory_there(hosts: tuple[Daemo
     j(a, "vm", "migrate", "pick", "b", "--copy-storage")  # and then it moves
     b.cli("vm", "stop", "pick", "--force")
     b.cli("vm", "delete", "pick")
+
+
+def test_offline_migration_carries_the_snapshot_tree(hosts: tuple[Daemon, Daemon, Netns]) -> None:
+    """Every image the disks and snapshots stand on goes whole (internal snapshots, RAM included, inside them), each
+    overlay re-pointed there; the tree and the current snapshot come along, and every branch reverts there."""
+    a, b, _ = hosts
+    boot(a, "tree", "--network", "user")
+    running_with_agent(a, "tree")
+    write_marker(a, "tree", "ONE")
+    a.cli("snapshot", "create", "tree", "s1")  # internal, with RAM
+    write_marker(a, "tree", "TWO")
+    a.cli("snapshot", "create", "tree", "s2", "--disk-only")  # external: the image above is frozen
+    write_marker(a, "tree", "THREE")
+    res = a.cli("vm", "migrate", "tree", "b", "--copy-storage", check=False)
+    assert res.returncode != 0 and "--offline" in res.stderr  # a live copy cannot carry them
+    a.cli("vm", "stop", "tree", "--force")
+    j(a, "vm", "migrate", "tree", "b", "--offline")
+    assert "tree" not in [v["name"] for v in j(a, "vm", "list")]
+    assert not [v for v in j(a, "volume", "list", "default") if v["key"].startswith("default/tree-")]
+    there = {s["name"]: s for s in j(b, "snapshot", "list", "tree")}
+    assert set(there) == {"s1", "s2"} and there["s2"]["current"] and there["s1"]["kind"] == "internal"
+    b.cli("vm", "start", "tree")
+    running_with_agent(b, "tree")
+    assert marker(b, "tree") == "THREE"
+    b.cli("snapshot", "revert", "tree", "s1")  # RAM and disk as they were at s1, on the other host
+    running_with_agent(b, "tree")
+    assert marker(b, "tree") == "ONE"
+    b.cli("snapshot", "revert", "tree", "s2")
+    b.cli("vm", "start", "tree")
+    running_with_agent(b, "tree")
+    assert marker(b, "tree") == "TWO"
+    b.cli("vm", "stop", "tree", "--force")
+    b.cli("vm", "delete", "tree")
+    assert not j(b, "volume", "list", "default")  # the images it brought (the base's copy too) went with it

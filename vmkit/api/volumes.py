@@ -19,6 +19,7 @@ from vmkit.api.pools import PoolName
 from vmkit.errors import Conflict, Forbidden, InvalidInput
 from vmkit.model.names import NAME_PATTERN, check_name
 from vmkit.model.storage import (
+    VOLUME_KEY_PATTERN,
     CloneVolume,
     ConvertVolume,
     CreateVolume,
@@ -128,13 +129,28 @@ async def import_volume(pool: PoolName, name: VolName, req: ImportVolume, svc: S
         }
     },
 )
-async def upload_volume(pool: PoolName, name: VolName, request: Request, svc: Svc) -> VolumeInfo:
+async def upload_volume(
+    pool: PoolName,
+    name: VolName,
+    request: Request,
+    svc: Svc,
+    backing: Annotated[
+        str | None,
+        Query(
+            description="POOL/NAME of the volume this qcow2 is an overlay on here: its header's backing name is "
+            "rewritten to it (no data touched), as a migration sends a snapshot chain image by image",
+            json_schema_extra={"pattern": VOLUME_KEY_PATTERN},
+        ),
+    ] = None,
+) -> VolumeInfo:
     """Import an image as a new volume, streamed in the request body (never held whole in memory). Its format
     (raw, qcow2 or iso) is detected once, here; a qcow2 backed by anything but a volume is refused."""
     svc.volumes.check_free(pool, name)
+    if backing is not None:
+        svc.volumes.row(backing)  # 400 for a bad key, 404 when there is no such volume: before any byte is read
     length = request.headers.get("content-length")
     size = int(length) if length and length.isdigit() else None
-    return await svc.volumes.upload(pool, name, request.stream(), size)
+    return await svc.volumes.upload(pool, name, request.stream(), size, backing=backing)
 
 
 @router.get("/pools/{pool}/volumes/{name}/download", response_class=FileResponse)

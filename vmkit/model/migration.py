@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vmkit.model.names import NAME_PATTERN, check_name
+from vmkit.model.snapshot import SnapshotRecord
 from vmkit.model.storage import DiskFormat, SizeBytes, VolumeKey
 from vmkit.model.vm import DISK_NAME_PATTERN, VmSpec
 
@@ -64,6 +65,11 @@ class IncomingMigration(BaseModel):
     # Offline: the disks' volumes here (uploaded by the source beforehand), disk → POOL/NAME; nothing runs.
     volumes: dict[str, VolumeKey] | None = None
     postcopy: bool = False  # the migration may switch to post-copy: QEMU here must allow it up front
+    # Offline, a VM with snapshots: every image its disks and snapshots stand on was sent whole (source POOL/NAME
+    # → POOL/NAME here), and its snapshot tree comes along, the current one named.
+    renames: dict[VolumeKey, VolumeKey] | None = None
+    snapshots: Annotated[list[SnapshotRecord], Field(max_length=1000)] = Field(default_factory=list)
+    current_snapshot: Annotated[str | None, Field(max_length=63)] = None
     # The images pool volumes the VM boots from (direct kernel boot), found on the destination by name.
     kernel_volume: VolumeKey | None = None
     initrd_volume: VolumeKey | None = None

@@ -24,16 +24,16 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from vmkit.errors import Conflict, InvalidInput, NotFound, VmkitError
 from vmkit.model.migration import FinishIncoming, IncomingDisk, IncomingMigration, IncomingReady, MigrateVm
 from vmkit.model.storage import DEFAULT_POOL, CloneVolume, CreateVolume, split_volume
-from vmkit.model.vm import DiskSpec, VmInfo, VmState
+from vmkit.model.vm import DiskSpec, VmInfo, VmSpec, VmState
 from vmkit.qemu import blocksnap
 from vmkit.qemu import migrate as qmig
 from vmkit.qemu.monitor import Monitor
-from vmkit.qemu.savevm import MAX_BANDWIDTH
+from vmkit.qemu.savevm import EV_MIGRATION, MAX_BANDWIDTH
 from vmkit.services import journal
 from vmkit.services.networks import NetworkService
 from vmkit.services.operations import Progress
@@ -74,9 +74,19 @@ class MigrationService:
         """Refuse up front what cannot work: no such VM or remote, the wrong state for the kind asked."""
         vm = self._vms.runtime(name)
         self._remotes.info(req.remote)
-        if self._store.snapshots(name):
-            # The copy of a disk is flat (its chain and internal snapshots stay here): they cannot follow yet.
-            raise Conflict(f"VM {name!r} has snapshots, which cannot move with it yet: delete them first")
+        owned = [d.volume for d in vm.spec.disks if d.owned and d.volume]
+        owned += [*self._vms.snapshot_images(name), *vm.spec.bases]
+        leaning = sorted({k for key in owned for k in self._volumes.dependents(key) if k not in owned})
+        if leaning:
+            raise Conflict(
+                f"volume(s) {', '.join(leaning)} stand on images of {name!r} (linked clones): it cannot move"
+            )
+        if self._store.snapshots(name) and not req.offline:
+            # A live copy of a disk is flat, and internal snapshots live in the very image QEMU writes.
+            raise Conflict(
+                f"VM {name!r} has snapshots: a live migration cannot carry them; shut it off and migrate it --offline "
+                "(its snapshot tree goes along), or delete them"
+            )
         if req.offline:
             if vm.state.active or vm.proc is not None or vm.state is VmState.SAVED:
                 raise Conflict(f"VM {name!r} is {vm.state}; an offline migration needs it shut off")
@@ -142,17 +152,26 @@ class MigrationService:
 
     async def _offline(self, name: str, req: MigrateVm, progress: Progress) -> dict[str, Any]:
         """A shut-off VM: each disk sent whole (an overlay flattened first) over the destination's API (the
-        upload `volume import` uses), then the VM defined there and removed here."""
+        upload `volume import` uses), then the VM defined there and removed here. A VM with snapshots (or bases)
+        sends every image they stand on, as it is, and its snapshot tree goes along (_send_chains)."""
         vm = self._vms.runtime(name)
         t0 = time.monotonic()
         async with vm.lock:
             self.check(name, req)
             client = self._remotes.client(req.remote, timeout_s=MIGRATION_TIMEOUT_S)
             sent: dict[str, str] = {}
+            uploaded: list[str] = []  # volumes made there, in order (removed in reverse if this fails)
             temps: list[str] = []
+            extra: dict[str, Any] = {}
             disks = [d for d in vm.spec.disks if d.volume and not self._shared_disk(d)]
+            records = self._store.snapshots(name)
             try:
-                for i, d in enumerate(disks):
+                if records or vm.spec.bases:
+                    renames = await self._send_chains(client, req.remote, vm, progress, uploaded)
+                    sent = {d.name: renames[d.volume or ""] for d in disks}
+                    extra = {"renames": renames, "snapshots": records,
+                             "current_snapshot": self._store.current_snapshot(name)}  # fmt: skip
+                for i, d in enumerate(disks if not extra else []):
                     key = d.volume or ""
                     row = self._volumes.row(key)
                     ext = ".qcow2" if row.format == "qcow2" else ".raw"
@@ -165,12 +184,13 @@ class MigrationService:
                     target = f"{name}-{d.name}{ext}"
                     await self._send(client, req.remote, self._volumes.path(key), target, progress, i, len(disks))
                     sent[d.name] = f"{DEFAULT_POOL}/{target}"
+                    uploaded.append(sent[d.name])
                 crashpoint("migrate-offline-sent")
                 sent |= {d.name: d.volume for d in vm.spec.disks if d.volume and self._shared_disk(d)}
-                body = self._incoming_body(vm, volumes=sent)
+                body = self._incoming_body(vm, volumes=sent, **extra)
                 await self._remotes.request(req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json"))
             except BaseException:
-                for key in (k for k in sent.values() if not self._volumes.shared(k)):
+                for key in reversed(uploaded):  # overlays before the images below them
                     with contextlib.suppress(Exception):
                         await self._remotes.request(req.remote, "DELETE", f"/v1/pools/{key.replace('/', '/volumes/')}")
                 raise
@@ -182,10 +202,49 @@ class MigrationService:
         return {"vm": name, "remote": req.remote, "total_s": round(time.monotonic() - t0, 3), "downtime_ms": None,
                 "offline": True}  # fmt: skip
 
+    async def _send_chains(
+        self, client: Any, remote: str, vm: VmRuntime, progress: Progress, uploaded: list[str]
+    ) -> dict[str, str]:
+        """Send every image the VM's disks, snapshots and bases stand on, each whole and as it is (its internal
+        snapshots too), bottom of each chain first, each overlay re-pointed there at its backing's copy; returns
+        source POOL/NAME → POOL/NAME there. An image of another pool (the demo's base in `images`) goes too: the
+        same name there is no proof of the same bytes."""
+        want = [d.volume for d in vm.spec.disks if d.volume and not self._shared_disk(d)]
+        want += [*self._vms.snapshot_images(vm.spec.name), *vm.spec.bases]
+        keys: list[str] = []
+        while want:
+            key = want.pop()
+            if key not in keys:
+                keys.append(key)
+                backing = self._volumes.row(key).backing
+                if backing:
+                    want.append(backing)
+        among = list(keys)  # (list.sort empties the list it sorts while it runs)
+        keys.sort(key=lambda k: self._volumes.depth(k, among))
+        renames: dict[str, str] = {}
+        for i, key in enumerate(keys):
+            row = self._volumes.row(key)
+            target = row.name if row.pool == DEFAULT_POOL else f"{row.pool}-{row.name}"
+            backing = renames[row.backing] if row.backing else None
+            await self._send(client, remote, self._volumes.path(key), target, progress, i, len(keys), backing=backing)
+            renames[key] = f"{DEFAULT_POOL}/{target}"
+            uploaded.append(renames[key])
+        return renames
+
     async def _send(
-        self, client: Any, remote: str, path: Path, target: str, progress: Progress, i: int, n: int
+        self,
+        client: Any,
+        remote: str,
+        path: Path,
+        target: str,
+        progress: Progress,
+        i: int,
+        n: int,
+        *,
+        backing: str | None = None,
     ) -> None:
-        """Upload the image at path into the remote's default pool as `target` (streamed, never held whole)."""
+        """Upload the image at path into the remote's default pool as `target` (streamed, never held whole); with
+        backing, an overlay re-pointed there at that volume."""
 
         def report(f: float) -> None:
             progress((i + f) / max(n, 1) * 0.95, f"sending {target}")
@@ -193,6 +252,8 @@ class MigrationService:
         def send() -> Any:
             with open(path, "rb") as f:
                 url = f"/v1/pools/{DEFAULT_POOL}/volumes/{target}/upload"
+                if backing is not None:
+                    url += f"?backing={quote(backing, safe='')}"
                 return client.upload(url, f, os.fstat(f.fileno()).st_size, report)
 
         try:
@@ -488,7 +549,10 @@ class MigrationService:
         return disk.model_copy(update={"path": here, "volume": key})
 
     async def _define_offline(self, req: IncomingMigration, kernel: str | None, initrd: str | None) -> IncomingReady:
-        """An offline migration's VM: its disks are the volumes the source uploaded here (or shared ones)."""
+        """An offline migration's VM: its disks are the volumes the source uploaded here (or shared ones); with
+        renames, whole chains came, and its snapshot tree with them."""
+        if req.renames is not None:
+            return await self._define_with_snapshots(req, kernel, initrd)
         volumes = req.volumes or {}
         shared = {d.disk: d for d in req.disks if d.shared is not None}
         disks = []
@@ -508,6 +572,38 @@ class MigrationService:
                                            "cdroms": [c.model_copy(update={"path": None, "volume": None})
                                                       for c in req.spec.cdroms]})  # fmt: skip
         await self._vms.define(spec, autostart=req.autostart)
+        return IncomingReady(id=uuid.uuid4().hex)
+
+    async def _define_with_snapshots(
+        self, req: IncomingMigration, kernel: str | None, initrd: str | None
+    ) -> IncomingReady:
+        renames = req.renames or {}
+        for key in renames.values():
+            self._volumes.row(key)  # each one here (404 otherwise)
+
+        def moved(spec: VmSpec) -> VmSpec:
+            disks = [
+                d.model_copy(update={"volume": renames[d.volume], "path": self._volumes.location(renames[d.volume])})
+                if d.volume in renames else d
+                for d in spec.disks
+            ]  # fmt: skip
+            return spec.model_copy(update={"disks": disks, "bases": [renames.get(b, b) for b in spec.bases]})
+
+        records = [r.model_copy(update={"spec": moved(r.spec)}) for r in req.snapshots]
+        spec = moved(req.spec)
+        named = {d.volume for s in [spec, *(r.spec for r in records)] for d in s.disks}
+        # Images below them that no disk names (the demo's base, sent as a copy): the VM's own from now on.
+        bases = [*spec.bases, *(k for k in renames.values() if k not in named and k not in spec.bases)]
+        spec = spec.model_copy(update={"kernel": kernel, "initrd": initrd, "bases": bases,
+                                       "cdroms": [c.model_copy(update={"path": None, "volume": None})
+                                                  for c in spec.cdroms]})  # fmt: skip
+        if req.current_snapshot is not None and req.current_snapshot not in {r.name for r in records}:
+            raise InvalidInput(f"the current snapshot {req.current_snapshot!r} is not among the snapshots sent")
+        await self._vms.define(spec, autostart=req.autostart)
+        with self._store.transaction():
+            for rec in records:
+                self._store.add_snapshot(spec.name, rec)
+            self._store.set_current_snapshot(spec.name, req.current_snapshot)
         return IncomingReady(id=uuid.uuid4().hex)
 
     def _image_path(self, key: str | None, what: str) -> str:
@@ -599,14 +695,19 @@ def incoming_stall_s() -> float:
     return float(os.environ.get("VMKIT_INCOMING_STALL_S", "30"))
 
 
+_SETTLED = ("completed", "failed", "cancelled", "postcopy-active")
+
+
 async def _incoming_status(mon: Monitor) -> str:
-    """The incoming migration's status here; it may take a moment after the source's to say completed."""
-    for _ in range(50):
+    """The incoming migration's status here. It may say completed a moment after the source's: its MIGRATION
+    event is awaited (registered before asking, so it cannot slip between), not polled for."""
+    with mon.expect_event(EV_MIGRATION, lambda d: d.get("status") in _SETTLED) as settled:
         status = str((await mon.execute("query-migrate")).get("status", "none"))
-        if status in ("completed", "failed", "cancelled", "postcopy-active"):
+        if status in _SETTLED:
             return status
-        await asyncio.sleep(0.1)
-    return status
+        with contextlib.suppress(TimeoutError):
+            return str((await settled.wait(5.0)).get("status"))
+    return str((await mon.execute("query-migrate")).get("status", "none"))
 
 
 def _available_memory_mib() -> int:

@@ -517,8 +517,12 @@ class VolumeService:
             self._store.update_volume(pool, name, format=fmt, backing=self._backing_key(tmp, fmt))
         return self.info(f"{pool}/{name}")
 
-    async def upload(self, pool: str, name: str, chunks: AsyncIterator[bytes], length: int | None) -> VolumeInfo:
-        """Import a file streamed by a client (never held whole in memory). Its format is detected here, once."""
+    async def upload(
+        self, pool: str, name: str, chunks: AsyncIterator[bytes], length: int | None, *, backing: str | None = None
+    ) -> VolumeInfo:
+        """Import a file streamed by a client (never held whole in memory). Its format is detected here, once.
+        backing: a qcow2 overlay sent from elsewhere is re-pointed at that volume here (`qemu-img rebase -u`)."""
+        base = self.row(backing) if backing is not None else None
         directory = self._pools.dir(pool)
         if length is not None:
             _, available = files.fs_space(directory)
@@ -537,6 +541,10 @@ class VolumeService:
                     await asyncio.to_thread(files.write_all, fd, bytes(buf), tmp)
             finally:
                 os.close(fd)
+            if base is not None:
+                if files.detect_format(tmp) != "qcow2":
+                    raise InvalidInput(f"only a qcow2 image can be an overlay on {base.key}")
+                await asyncio.to_thread(qemu_img.rebase_unsafe, tmp, self._path_of(base), base.format)
             fmt = await asyncio.to_thread(self._check_new_image, tmp)
             self._store.update_volume(pool, name, format=fmt, backing=self._backing_key(tmp, fmt))
         return self.info(f"{pool}/{name}")
