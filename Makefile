@@ -32,3 +32,4 @@ bench: deps
 	.venv/bin/python bench/network.py
 	.venv/bin/python bench/snapshots.py
 	.venv/bin/python bench/migration.py
+	.venv/bin/python bench/debian.py

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   syslinux syslinux-common extlinux   # demo boot disk: boot loader + MBR code; extlinux runs in the installer guest
   isolinux xorriso                    # the demo installer ISO
   dosfstools mtools                   # the boot disk's FAT partition, made inside an image file (no loop device)
+  debootstrap                         # `image build debian-12`: a Debian root from the host's mirror
   python3 python3-venv                # the daemon and CLI
   util-linux                          # setpriv: QEMU starts as its VM's own uid, without capabilities
   dnsmasq-base nftables iproute2      # networks: DHCP/DNS per network, vmkit's own nft tables; tests use ip netns

@@ -133,6 +133,7 @@ async def serve(cfg: DaemonConfig) -> None:
     from vmkit.qemu.argv import HostConfig
     from vmkit.services.auth import TokenService
     from vmkit.services.clones import CloneService
+    from vmkit.services.cloudinit import CloudInitService
     from vmkit.services.events import EventBus
     from vmkit.services.images import ImageService
     from vmkit.services.migrations import MigrationService
@@ -245,7 +246,10 @@ async def serve(cfg: DaemonConfig) -> None:
     await snapshots.recover()
     await saves.recover()
     clones = CloneService(store=store, vms=vms, volumes=volumes, snapshots=snapshots)
+    # Before clones.recover(): a clone it finishes gets a seed of its own.
+    cloudinit = CloudInitService(store=store, vms=vms, volumes=volumes, clones=clones)
     await clones.recover()
+    await cloudinit.recover()
     remotes = RemoteService(store=store)
     migrations = MigrationService(store=store, vms=vms, volumes=volumes, networks=networks, remotes=remotes)
     await migrations.recover()
@@ -272,6 +276,7 @@ async def serve(cfg: DaemonConfig) -> None:
         clones=clones,
         remotes=remotes,
         migrations=migrations,
+        cloudinit=cloudinit,
         tls_fingerprint=tcp.fingerprint if tcp else None,
         listen_url=tcp.url if tcp else None,
         state_dir=str(cfg.state_dir),

@@ -46,6 +46,9 @@ def test_live_migration_with_its_disk_copied(hosts: tuple[Daemon, Daemon, Netns]
     res = a.cli("vm", "migrate", "mig", "b", "--copy-storage", check=False)
     assert res.returncode != 0 and "snapshots" in res.stderr  # they cannot follow yet
     a.cli("snapshot", "delete", "mig", "s1")
+    # A read-only disk too (as a cloud-init seed is): no mirror for it, it is sent whole and stays read-only.
+    a.cli("volume", "create", "default/ro.raw", "--size", "4M", "--format", "raw")
+    a.cli("vm", "attach-disk", "mig", "default/ro.raw", "--readonly")
     uuid, macs = a.vm("mig")["uuid"], [n["mac"] for n in a.vm("mig")["nics"]]
     out = j(a, "vm", "migrate", "mig", "b", "--copy-storage")
     assert out["remote"] == "b" and out["downtime_ms"] is not None
@@ -54,6 +57,8 @@ def test_live_migration_with_its_disk_copied(hosts: tuple[Daemon, Daemon, Netns]
     there = b.vm("mig")
     assert there["state"] == "running" and there["uuid"] == uuid and [n["mac"] for n in there["nics"]] == macs
     assert there["autostart"]
+    ro = [x for x in j(b, "vm", "disks", "mig") if x.get("readonly")]
+    assert len(ro) == 1 and ro[0]["volume"].startswith("default/mig-"), ro
     running_with_agent(b, "mig")
     after = counter(b, "mig")
     assert after >= before  # no reset: the same process, still counting
@@ -61,6 +66,7 @@ def test_live_migration_with_its_disk_copied(hosts: tuple[Daemon, Daemon, Netns]
     assert marker(b, "mig") == "BEFORE"
     b.cli("vm", "stop", "mig", "--force")
     b.cli("vm", "delete", "mig")
+    a.cli("volume", "delete", "default/ro.raw")  # it was only lent to the VM: the source keeps it
 
 
 def test_refusals_leave_it_running_here(hosts: tuple[Daemon, Daemon, Netns]) -> None:

@@ -16,15 +16,18 @@ from vmkit.qemu.argv import (
     HostConfig,
     RuntimePaths,
     cdrom_blockdevs,
+    cold,
     device_opts,
     disk_blockdevs,
     disk_device,
     is_network,
+    machine_ports,
     network_node,
     opt,
     qemu_argv,
     qemu_opts,
     root_ports,
+    spare_port_id,
 )
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -353,3 +356,27 @@ def test_incoming_waits_for_a_saved_state() -> None:
             qemu_argv(spec, PATHS, host, handover(spec), incoming=bad)
     with pytest.raises(ValueError, match="not both"):
         qemu_argv(spec, PATHS, host, handover(spec), incoming="defer", loadvm="s1")
+
+
+def test_a_hot_plugged_machine_is_rebuilt_port_for_port() -> None:
+    """After hot-plugs the running machine keeps its ports (a detached disk's too), and the new devices sit on
+    spare ones: a migration's destination or a restore must build exactly that; a cold start starts afresh."""
+    spec, host = SPECS["readonly-disk"]
+    booted = machine_ports(spec)
+    assert booted == ["disk0-port", "disk1-port", *(spare_port_id(i) for i in range(SPARE_PORTS))]
+    # disk1 detached, then disk2 plugged onto the first spare port.
+    running = spec.model_copy(
+        update={
+            "ports": booted,
+            "disks": [spec.disks[0], DiskSpec(name="disk2", path="/data/new.raw", format="raw", port="hp0")],
+        }
+    )
+    argv = qemu_argv(running, PATHS, host, handover(running))
+    assert [d.split(",id=")[1].split(",")[0] for d in _args(argv, "-device") if d.startswith("pcie-root-port")] == (
+        booted
+    )
+    assert any(d.startswith("virtio-blk-pci,drive=disk2,") and "bus=hp0" in d for d in _args(argv, "-device"))
+    fresh = cold(running)
+    assert fresh.ports is None and all(d.port is None for d in fresh.disks)
+    assert machine_ports(fresh)[:2] == ["disk0-port", "disk2-port"]
+    assert cold(spec) is spec  # nothing to undo

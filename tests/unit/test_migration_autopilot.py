@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.unit.test_savevm import ScriptedMonitor
 from vmkit.qemu.migrate import GIVE_UP, SWITCH_TO_POSTCOPY, Autopilot, MigrationError, migrate
-from vmkit.qemu.monitor import EventWaiter
 
 
 def active(remaining: int, passes: int = 3) -> dict:
@@ -80,17 +78,16 @@ def test_with_postcopy_allowed_a_stuck_one_switches_instead() -> None:
     assert ap.decide(active(510), 5.0) == SWITCH_TO_POSTCOPY
 
 
-class StuckMonitor:
+class StuckMonitor(ScriptedMonitor):
     """A source QEMU whose migration never converges (the RAM left stays put) until it is switched to post-copy:
     then it says postcopy-active (event and query-migrate), and completed a moment later."""
 
     def __init__(self) -> None:
-        self.sent: list[str] = []
+        super().__init__()
         self.status = "none"
-        self.waiters: list[EventWaiter] = []
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, *, timeout_s: float = 10.0) -> Any:
-        self.sent.append(cmd)
+        self.sent.append((cmd, args))
         if cmd == "query-migrate":
             ram = {"remaining": 1000, "dirty-sync-count": 5, "total": 4000, "transferred": 3000}
             return {"status": self.status, "ram": ram, **({"downtime": 3} if self.status == "completed" else {})}
@@ -108,14 +105,9 @@ class StuckMonitor:
             if w.name == "MIGRATION" and (w.match is None or w.match({"status": status})) and not w.future.done():
                 w.future.set_result({"status": status})
 
-    @contextlib.contextmanager
-    def expect_event(self, name: str, match: Any = None) -> Iterator[EventWaiter]:
-        w = EventWaiter(name, match, asyncio.get_running_loop().create_future())
-        self.waiters.append(w)
-        try:
-            yield w
-        finally:
-            self.waiters.remove(w)
+    @property
+    def cmds(self) -> list[str]:
+        return [c for c, _ in self.sent]
 
 
 def test_a_stuck_migration_switches_to_postcopy_and_hands_the_guest_over() -> None:
@@ -133,7 +125,7 @@ def test_a_stuck_migration_switches_to_postcopy_and_hands_the_guest_over() -> No
     info = asyncio.run(go())
     assert info["status"] == "completed" and info["postcopy"] and info["handed_over"]
     assert handed == ["postcopy-active"]
-    assert mon.sent.count("migrate-start-postcopy") == 1 and "migrate_cancel" not in mon.sent
+    assert mon.cmds.count("migrate-start-postcopy") == 1 and "migrate_cancel" not in mon.cmds
 
 
 def test_without_postcopy_the_same_migration_is_cancelled() -> None:
@@ -145,11 +137,11 @@ def test_without_postcopy_the_same_migration_is_cancelled() -> None:
             migrate(mon, "10.0.0.2", 4444, max_bandwidth=1 << 20, autopilot=ap,  # type: ignore[arg-type]
                     progress=lambda info: None, timeout_s=10)
         )  # fmt: skip
-        while "migrate_cancel" not in mon.sent:
+        while "migrate_cancel" not in mon.cmds:
             await asyncio.sleep(0.01)
         mon._event("cancelled")
         with pytest.raises(MigrationError, match="did not converge"):
             await task
 
     asyncio.run(go())
-    assert "migrate-start-postcopy" not in mon.sent
+    assert "migrate-start-postcopy" not in mon.cmds

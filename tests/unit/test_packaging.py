@@ -36,5 +36,6 @@ def test_install_script_installs_what_the_code_runs() -> None:
         "kmod",
         "cpio",
         "util-linux",
+        "debootstrap",
     ):
         assert package in script

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vmkit import __version__
 from vmkit.api import (
     clones,
+    cloudinit,
     consoles,
     images,
     metrics,
@@ -141,6 +142,7 @@ def create_app(svc: Services) -> FastAPI:
     app.include_router(snapshots.router)
     app.include_router(vmsave.router)
     app.include_router(clones.router)
+    app.include_router(cloudinit.router)
     # Before any mount at /ui: its /ui/vendor/ route must be matched first.
     app.include_router(consoles.router)
     app.include_router(images.router)

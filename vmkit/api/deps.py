@@ -13,6 +13,7 @@ from vmkit.errors import VmkitError
 from vmkit.qemu.argv import HostConfig
 from vmkit.services.auth import TokenService
 from vmkit.services.clones import CloneService
+from vmkit.services.cloudinit import CloudInitService
 from vmkit.services.events import EventBus
 from vmkit.services.images import ImageService
 from vmkit.services.migrations import MigrationService
@@ -50,6 +51,7 @@ class Services:
     clones: CloneService
     remotes: RemoteService
     migrations: MigrationService
+    cloudinit: CloudInitService
     tls_fingerprint: str | None = None  # of the TCP listener's certificate, when it speaks TLS
     listen_url: str | None = None  # the TCP listener's base URL (http[s]://HOST:PORT), when there is one
     state_dir: str | None = None  # for the dashboard's disk usage

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, WebSocket
 from fastapi.responses import Response
@@ -57,6 +57,8 @@ class ShutdownRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
     force: bool = False
+    # virsh shutdown --mode: ACPI, the guest agent, or ACPI then the agent when the guest ignores ACPI (auto).
+    mode: Literal["auto", "acpi", "agent"] = "auto"
 
 
 class AutostartRequest(BaseModel):
@@ -185,7 +187,7 @@ async def start_vm(name: VmName, svc: Svc) -> VmInfo:
 @router.post("/{name}/shutdown")
 async def shutdown_vm(name: VmName, svc: Svc, req: ShutdownRequest | None = None) -> VmInfo:
     req = req or ShutdownRequest()
-    return await svc.vms.shutdown(name, timeout_s=req.timeout_s, force=req.force)
+    return await svc.vms.shutdown(name, timeout_s=req.timeout_s, force=req.force, mode=req.mode)
 
 
 @router.post("/{name}/destroy")

@@ -124,8 +124,16 @@ def _show_vm(vm: dict[str, Any], as_json: bool) -> None:
             ("CPU time", f"{vm['cpu_time_ns'] / 1e9:.2f} s" if vm.get("cpu_time_ns") is not None else None),
             ("Memory used", f"{vm['memory_bytes'] / 2**20:.1f} MiB" if vm.get("memory_bytes") is not None else None),
             ("Limits", _limits_text(vm)),
+            ("Cloud-init", _cloud_init_text(vm.get("cloud_init"))),
         ]
     )
+
+
+def _cloud_init_text(ci: dict[str, Any] | None) -> str | None:
+    if ci is None:
+        return None
+    keys = len(ci.get("ssh_keys") or [])
+    return f"user {ci.get('user') or '(the image default)'}, {keys} SSH key{'' if keys == 1 else 's'}"
 
 
 def _limits_text(vm: dict[str, Any]) -> str:
@@ -201,6 +209,10 @@ def vm_create(c: Client, a: argparse.Namespace) -> int:
         new = {"size_bytes": disk["size"]} if "size" in disk else {"volume": disk["volume"]}
         new.update({k: v for k, v in disk.items() if k in ("pool", "format", "prealloc", "iops_total", "bps_total")})
         body.setdefault("disks", []).append(new)
+    from vmkit.cli import cloudinit
+
+    if cloudinit.given(a):
+        body["cloud_init"] = cloudinit.request_body(a)
     vm = c.post("/v1/vms", body)
     if a.start:
         vm = c.post(_vm_url(a.name, "start"))
@@ -262,13 +274,18 @@ def vm_disks(c: Client, a: argparse.Namespace) -> int:
     print_table(
         ["target", "device", "source", "format", "provisioning", "backing", "iops", "bps", "live iops", "live bps"],
         [
-            [d["name"], d["device"] + (" (ro)" if d.get("readonly") and d["device"] == "disk" else ""),
+            [d["name"], d["device"] + _disk_notes(d),
              d.get("volume") or d.get("path") or "(empty)", d.get("format") or "-", d.get("provisioning") or "-",
              d.get("backing") or "-", limit(d, "iops_total"), limit(d, "bps_total"), live(d, "iops"), live(d, "bps")]
             for d in disks
         ],
     )  # fmt: skip
     return 0
+
+
+def _disk_notes(d: dict[str, Any]) -> str:
+    notes = [n for n, on in (("ro", d.get("readonly")), ("cloud-init", d.get("cloud_init"))) if on]
+    return f" ({', '.join(notes)})" if notes and d["device"] == "disk" else ""
 
 
 def _nic_opts(text: str) -> dict[str, Any]:
@@ -355,7 +372,7 @@ def _simple_action(action: str, done: str) -> Callable[[Client, argparse.Namespa
 
 
 def vm_shutdown(c: Client, a: argparse.Namespace) -> int:
-    vm = c.post(_vm_url(a.name, "shutdown"), {"timeout_s": a.timeout, "force": a.force})
+    vm = c.post(_vm_url(a.name, "shutdown"), {"timeout_s": a.timeout, "force": a.force, "mode": a.mode})
     return emit(a, vm, f"VM {a.name} is {vm['state']}")
 
 
@@ -630,8 +647,8 @@ VERBS = {
     "vm": {"create", "set", "disks", "attach-disk", "detach-disk", "media", "ifaddr", "attach-nic", "detach-nic",
            "list", "info", "start", "reboot", "pause", "resume", "destroy", "shutdown", "stop", "delete",
            "autostart", "wait", "log", "console", "exec", "clone", "migrate", "migrate-cancel", "save", "restore",
-           "saves", "managedsave-remove"},
-    "image": {"list", "demo"},
+           "saves", "managedsave-remove", "cloud-init", "ssh"},
+    "image": {"list", "demo", "build"},
     "pool": {"list", "info", "create", "refresh", "delete"},
     "network": {"list", "info", "create", "start", "stop", "delete", "autostart", "leases", "forward"},
     "volume": {"list", "info", "create", "resize", "convert", "clone", "import", "export", "delete"},
@@ -731,6 +748,9 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     _limit_flags(sp, int)
     sp.add_argument("--autostart", action="store_true", help="start when the host boots")
     sp.add_argument("--start", action="store_true", help="start it right away")
+    from vmkit.cli import cloudinit
+
+    cloudinit.add_flags(sp)
     sp = add(vm, "set", vm_set, "change resource limits (live when running; 'none' removes one)")
     sp.add_argument("name")
     _limit_flags(sp, str)
@@ -771,8 +791,12 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
         ("destroy", _simple_action("destroy", "destroyed"), "hard stop (same as stop --force)"),
     ):
         add(vm, verb, fn, help_).add_argument("name")
-    sp = add(vm, "shutdown", vm_shutdown, "power off through ACPI and wait")
+    sp = add(vm, "shutdown", vm_shutdown, "power off through ACPI (then the guest agent if ACPI is ignored) and wait")
     sp.add_argument("name")
+    sp.add_argument(
+        "--mode", choices=("auto", "acpi", "agent"), default="auto",
+        help="acpi, agent, or auto: ACPI, then the guest agent after 10 s (default)",
+    )  # fmt: skip
     sp.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
     sp.add_argument("--force", action="store_true", help="stop hard if the guest does not power off in time")
     sp = add(vm, "stop", vm_stop, "stop a VM: clean ACPI shutdown, or hard stop with --force")
@@ -807,11 +831,16 @@ def build_parser(only: tuple[str, str] | None = None) -> argparse.ArgumentParser
     add(image, "list", image_list, "list images")
     sp = add(image, "demo", image_demo, "build (or reuse) the demo guest from Debian packages")
     sp.add_argument("--no-wait", action="store_true", help="return the operation at once instead of waiting")
+    from vmkit.cli import images
 
-    from vmkit.cli import clones, migrations, networks, pools, remotes, snapshots, volumes
+    images.add_parsers(image, add)
+
+    from vmkit.cli import clones, migrations, networks, pools, remotes, snapshots, ssh, volumes
 
     clones.add_parsers(vm, add)
+    cloudinit.add_parsers(vm, add)
     migrations.add_parsers(vm, add)
+    ssh.add_parsers(vm, add)
 
     pools.add_parsers(nouns, add)
     volumes.add_parsers(nouns, add)

@@ -50,6 +50,8 @@ class IncomingDisk(BaseModel):
     format: DiskFormat
     shared: VolumeKey | None = None
     location: Annotated[str | None, Field(max_length=2048)] = None  # the shared volume's URL, as the source has it
+    # A read-only disk (a cloud-init seed, say) is no mirror's: the source sent it whole beforehand, as this volume.
+    sent: VolumeKey | None = None
 
 
 class IncomingMigration(BaseModel):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vmkit.model.cloudinit import CloudInitConfig, CloudInitRequest, CloudInitSummary
 from vmkit.model.names import NAME_PATTERN, check_name, valid_name
 from vmkit.model.network import NicRequest
 from vmkit.model.storage import IMAGE_REF_PATTERN, AbsPath, DiskFormat, Prealloc, SizeBytes, VolumeKey, split_volume
@@ -70,6 +71,10 @@ NIC_NAME_PATTERN = r"^net[0-9]{1,2}$"
 MAX_CDROMS = 4  # q35's AHCI ports left after none are used for disks
 
 
+# A PCIe root port's id in QEMU (disk0-port, net1-port, hp2).
+PORT_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,40}$"
+
+
 class DiskSpec(_Strict):
     # The QEMU node name (disk0, disk1, …): stable for the disk's life, so detaching one never renames
     # the others. Specs written before names existed get disk{i} in list order (see VmSpec).
@@ -82,9 +87,14 @@ class DiskSpec(_Strict):
     # POOL/NAME of the volume holding the file; None only for specs from before pools, until taken over.
     volume: str | None = None
     readonly: bool = False
+    # The VM's cloud-init NoCloud seed (services/cloudinit.py; VmSpec.cloud_init holds its settings).
+    cloud_init: bool = False
     # I/O limits through QEMU's throttle groups (one group per disk); None is unlimited.
     iops_total: int | None = None
     bps_total: int | None = None
+    # The PCIe root port it was hot-plugged onto while the VM ran (None: its own, `{name}-port`). Kept until the
+    # next cold start, so that a migration, a restore or a RAM snapshot's revert rebuilds the same machine.
+    port: Annotated[str | None, Field(pattern=PORT_ID_PATTERN)] = None
 
 
 def _named(item: object, name: str) -> object:
@@ -115,6 +125,7 @@ class NicSpec(_Strict):
     model: Literal["virtio", "e1000"] = "virtio"
     vlan: int | None = None  # ovs networks: access port of this VLAN
     trunks: list[int] | None = None  # ovs networks: trunk port of these VLANs
+    port: Annotated[str | None, Field(pattern=PORT_ID_PATTERN)] = None  # as DiskSpec.port
 
 
 class VmSpec(_Strict):
@@ -132,10 +143,17 @@ class VmSpec(_Strict):
     # Images vmkit made for this VM that sit below its disks and that others share (a linked clone froze them
     # under both VMs): deleted with the VM, like its disks, once nothing else needs them. POOL/NAME.
     bases: list[str] = Field(default_factory=list)
+    # The PCIe root ports of the machine as it runs, in order, once a hot-plug changed its devices (a detached
+    # disk's port stays in the running machine); None: derived from its devices (qemu/argv.py machine_ports).
+    # Dropped at the next cold start, with the devices' own `port`.
+    ports: list[Annotated[str, Field(pattern=PORT_ID_PATTERN)]] | None = None
     # Limits on the whole QEMU (its cgroup); None is the host's default.
     cpu_weight: int | None = None
     cpu_max_percent: int | None = None
     memory_max_mib: int | None = None
+    # The settings of its cloud-init NoCloud seed (the disk marked cloud_init); None for VMs without one, and in
+    # specs from before seeds.
+    cloud_init: CloudInitConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -276,6 +294,8 @@ class CreateVm(_Strict):
     memory_max_mib: MemoryMaxMib | None = None
     disk_iops_total: Iops | None = None
     disk_bps_total: Bps | None = None
+    # A cloud-init NoCloud seed made for the VM: a volume in pool `default`, attached read-only as its last disk.
+    cloud_init: CloudInitRequest | None = None
 
     @field_validator("name")
     @classmethod
@@ -351,6 +371,7 @@ class DiskInfo(BaseModel):
     iops_total: int | None = None
     bps_total: int | None = None
     live: LiveIoLimits | None = None
+    cloud_init: bool = False  # the VM's cloud-init seed (vmkit vm cloud-init NAME)
 
 
 class VmInfo(BaseModel):
@@ -383,3 +404,4 @@ class VmInfo(BaseModel):
     cgroup: str | None = None
     cpu_time_ns: int | None = None
     memory_bytes: int | None = None
+    cloud_init: CloudInitSummary | None = None  # its seed's user and SSH keys (vm ssh logs in with them)

@@ -93,6 +93,10 @@ class Agent:
             raise AgentError(f"guest agent: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
 
+    async def shutdown(self) -> None:
+        """Ask the guest to power off (guest-shutdown): no answer comes when it works, the agent just goes."""
+        await self._send("guest-shutdown", {"mode": "powerdown"})
+
     async def exec(self, argv: list[str], *, input_data: bytes | None = None, timeout_s: float = 60.0) -> ExecResult:
         """Run argv in the guest and wait for it, collecting its output."""
         if not argv:

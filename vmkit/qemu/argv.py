@@ -187,6 +187,27 @@ def cdrom_blockdevs(node: str, filename: str) -> list[dict[str, Any]]:
     ]
 
 
+def machine_ports(spec: VmSpec) -> list[str]:
+    """The machine's PCIe root ports, in order: disks, then NICs, each on one of its own (so each can be
+    unplugged), then the spare ones for hot-plugs; or, once a hot-plug changed a running machine, the ports it
+    has (spec.ports), so that a migration or a restore rebuilds it port for port."""
+    if spec.ports is not None:
+        return list(spec.ports)
+    ports = [port_id(d.name) for d in spec.disks] + [port_id(n.name) for n in spec.nics]
+    return ports + [spare_port_id(i) for i in range(SPARE_PORTS)]
+
+
+def cold(spec: VmSpec) -> VmSpec:
+    """spec for a fresh start: every device back on a port of its own, the machine derived again."""
+    if spec.ports is None and not any(d.port for d in spec.disks) and not any(n.port for n in spec.nics):
+        return spec
+    return spec.model_copy(update={
+        "ports": None,
+        "disks": [d.model_copy(update={"port": None}) for d in spec.disks],
+        "nics": [n.model_copy(update={"port": None}) for n in spec.nics],
+    })  # fmt: skip
+
+
 def root_ports(ids: Sequence[str]) -> list[dict[str, Any]]:
     """The pcie-root-port devices with these ids, in order: 8 functions per slot from PORT_SLOT0 on,
     chassis numbers from 1 and port numbers from 0x10 (libvirt's scheme), all unique."""
@@ -357,10 +378,7 @@ def qemu_argv(
     for cd, cfd in zip(spec.cdroms, fds.cdroms, strict=True):
         if (cd.path is None) != (cfd is None):
             raise ValueError(f"CD-ROM {cd.name}: a medium needs its fd, an empty tray has none")
-    # Disks, then NICs, each on a root port of its own (so each can be unplugged), then the spare ones.
-    ports = [port_id(d.name) for d in spec.disks] + [port_id(n.name) for n in spec.nics]
-    ports += [spare_port_id(i) for i in range(SPARE_PORTS)]
-    for port in root_ports(ports):
+    for port in root_ports(machine_ports(spec)):
         argv += ["-device", device_opts(port)]
     for i, (disk, dfds) in enumerate(zip(spec.disks, fds.disks, strict=True)):
         node = disk.name
@@ -371,7 +389,7 @@ def qemu_argv(
             argv += ["-blockdev", qemu_opts(bd)]
         # With a CD-ROM, it boots first (install media; an empty tray falls through to the disk).
         bootindex = (2 if spec.cdroms else 1) if i == 0 else None
-        argv += ["-device", device_opts(disk_device(node, port_id(node), bootindex))]
+        argv += ["-device", device_opts(disk_device(node, disk.port or port_id(node), bootindex))]
     for k, (cd, cfd) in enumerate(zip(spec.cdroms, fds.cdroms, strict=True)):
         bus = _ahci_port(cd.name)
         dev: dict[str, Any] = {"driver": "ide-cd", "bus": f"ide.{bus}", "id": device_id(cd.name)}
@@ -391,7 +409,7 @@ def qemu_argv(
         # A tap handed over open: QEMU never needs CAP_NET_ADMIN or a path of ours. vhost-net is missing here
         # (and would need /dev/vhost-net opened for QEMU too).
         netdev = f"tap,id={nic.name},fd={tap},vhost=off" if tap is not None else f"user,id={nic.name},restrict=on"
-        argv += ["-netdev", netdev, "-device", device_opts(nic_device(nic, port_id(nic.name)))]
+        argv += ["-netdev", netdev, "-device", device_opts(nic_device(nic, nic.port or port_id(nic.name)))]
     if loadvm is not None:
         argv += ["-loadvm", opt(loadvm)]
     if incoming is not None:

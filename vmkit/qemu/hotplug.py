@@ -65,9 +65,9 @@ def _fdset(fdset_id: int) -> str:
 
 
 # ----- NICs -----------------------------------------------------------------------------------------------
-async def attach_nic(mon: Monitor, nic: NicSpec, tap: int) -> None:
+async def attach_nic(mon: Monitor, nic: NicSpec, tap: int) -> str:
     """Hot-plug `nic` with the tap open as `tap` (the caller opened it on its network's bridge) onto a free
-    root port. Whatever was added is removed again on failure."""
+    root port, whose id it returns. Whatever was added is removed again on failure."""
     fdname = f"{nic.name}-tap"
     added_netdev = False
     try:
@@ -84,6 +84,7 @@ async def attach_nic(mon: Monitor, nic: NicSpec, tap: int) -> None:
                 await mon.closefd(fdname)
         raise
     log.info("attached %s on %s", nic.name, port)
+    return port
 
 
 async def detach_nic(mon: Monitor, name: str, *, timeout_s: float = DETACH_TIMEOUT_S) -> None:
@@ -119,8 +120,9 @@ async def _unplug(mon: Monitor, name: str, timeout_s: float) -> bool:
 
 
 # ----- disks ----------------------------------------------------------------------------------------------
-async def attach_disk(mon: Monitor, disk: DiskSpec, fds: DiskFds) -> None:
-    """Hot-plug `disk` (descriptors `fds`, as handover.open_disk gives them) onto a free root port.
+async def attach_disk(mon: Monitor, disk: DiskSpec, fds: DiskFds) -> str:
+    """Hot-plug `disk` (descriptors `fds`, as handover.open_disk gives them) onto a free root port, whose id it
+    returns.
 
     The guest sees the new virtio disk at once (PCIe native hotplug). Raises HotplugError when no root port is
     free, QMP's ExecuteError when QEMU refuses a step (a node name in use, …); either way, whatever was added is
@@ -145,6 +147,7 @@ async def attach_disk(mon: Monitor, disk: DiskSpec, fds: DiskFds) -> None:
         await _undo(mon, nodes, fdsets)
         raise
     log.info("attached %s on %s", node, port)
+    return port
 
 
 async def detach_disk(mon: Monitor, node: str, *, timeout_s: float = DETACH_TIMEOUT_S) -> None:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vmkit.errors import Conflict
@@ -30,6 +31,7 @@ from vmkit.qemu import blocksnap
 from vmkit.qemu.monitor import Monitor
 from vmkit.services import journal
 from vmkit.services.operations import Progress
+from vmkit.services.reverter import Reverter
 from vmkit.services.snapshots import SnapshotService, refuse_shared
 from vmkit.services.vms import VmRuntime, VmService, _qmp
 from vmkit.services.volumes import VolumeService
@@ -44,12 +46,18 @@ def _no_progress(fraction: float, message: str) -> None:
     pass
 
 
+async def _same_seed(spec: VmSpec, rev: Reverter) -> VmSpec:
+    return spec
+
+
 class CloneService:
     def __init__(self, *, store: Store, vms: VmService, volumes: VolumeService, snapshots: SnapshotService) -> None:
         self._store = store
         self._vms = vms
         self._volumes = volumes
         self._snapshots = snapshots
+        # Set by services/cloudinit.py: the clone's spec with a cloud-init seed of its own (undone by the Reverter).
+        self.new_seed: Callable[[VmSpec, Reverter], Awaitable[VmSpec]] = _same_seed
 
     def check(self, src: str, req: CloneVm) -> None:
         """Refuse up front (404/409) what would fail anyway: no source, a taken name."""
@@ -183,7 +191,10 @@ class CloneService:
                 owned = {d.volume for d in src.spec.disks if d.owned}
                 bases = src.spec.bases + [v for v in plan["frozen"].values() if v in owned and v not in src.spec.bases]
                 self._vms.save_spec(src, src.spec.model_copy(update={"disks": disks, "bases": bases}))
-            info = await self._vms.define(spec)
+            with Reverter() as rev:
+                spec = await self.new_seed(spec, rev)
+                info = await self._vms.define(spec)
+                rev.success()
             self._store.set_journal(src.spec.name, None)
         return info
 

@@ -1,8 +1,10 @@
-"""Images VMs are made from. For now: the demo guest built from Debian packages, in three forms:
+"""Images VMs are made from, built from Debian packages:
 
 - `demo`: kernel + initramfs (direct kernel boot) and an empty base disk VMs get an overlay of;
 - `demo-disk`: a BIOS-bootable disk image (partition table, syslinux, kernel, initramfs);
-- `demo-installer`: an installer ISO that installs the demo system onto a blank disk.
+- `demo-installer`: an installer ISO that installs the demo system onto a blank disk;
+- `debian-12` (`image build`, images/debian.py): a Debian system disk with cloud-init, and its kernel and
+  initramfs beside it, so that a VM boots it directly (like `demo`) or through the disk's own boot loader.
 
 Every file is a volume of pool `images` named after its build (kernel version + content hash), so removing the
 shared build cache never breaks a VM and a newer build never touches the volumes older VMs are backed by.
@@ -13,10 +15,12 @@ build reuses.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vmkit.errors import NotFound, VmkitError
+from vmkit.images import debian
 from vmkit.model.storage import IMAGES_POOL
 from vmkit.services.operations import Progress
 from vmkit.services.volumes import VolumeService
@@ -33,6 +37,7 @@ class ImageService:
         self._volumes = volumes
         self._cache_dir = cache_dir
         self._lock = asyncio.Lock()
+        self._debian_lock = asyncio.Lock()  # apart: a demo build need not wait minutes for a Debian one
 
     def list(self) -> list[dict[str, Any]]:
         return [{"name": n, **d} for n, d in self._store.images().items()]
@@ -110,3 +115,58 @@ class ImageService:
             self._store.put_image(DEMO_INSTALLER, {"kind": "iso", "iso_volume": volumes["installer"], **common})
             self._store.put_image(DEMO, data)  # last: demo_ready() looks at it first
             return {"name": DEMO, **data}
+
+    # ----- Debian images (images/debian.py) ---------------------------------------------------------------------
+    def debian_recipe(self, release: str, *, size_bytes: int | None, packages: Sequence[str]) -> debian.Recipe:
+        """The checked recipe for a request (404 unknown release, 400 bad size or package); the host's mirror."""
+        suite = debian.check_release(release)
+        mirror, security = debian.host_mirrors(suite)
+        size = debian.DEFAULT_SIZE_BYTES if size_bytes is None else size_bytes
+        return debian.make_recipe(release, size_bytes=size, packages=packages, mirror=mirror, security_mirror=security)
+
+    def debian_ready(self, recipe: debian.Recipe) -> dict[str, Any] | None:
+        """The registered image if it was built from this very recipe and its volumes are all still there."""
+        img = self._store.image(recipe.release)
+        keys = ("kernel_volume", "initrd_volume", "disk_volume")
+        if img and img.get("recipe_key") == recipe.key() and all(self._exists(img.get(k)) for k in keys):
+            return {"name": recipe.release, **img}
+        return None
+
+    async def build_debian(self, recipe: debian.Recipe, progress: Progress) -> dict[str, Any]:
+        """Build the image of recipe (or take it from the build cache) and register it as image recipe.release.
+
+        Its volumes are named after the build (release + recipe hash): a rebuild with another recipe registers new
+        ones and moves the image record to them, while VMs made from the old ones keep theirs."""
+        async with self._debian_lock:
+            ready = self.debian_ready(recipe)
+            if ready:
+                return ready
+            built = await asyncio.to_thread(debian.build_debian, self._cache_dir, recipe, progress=progress)
+            progress(0.98, "copying the image into pool images")
+            build = built.disk.parent.name  # <release>-<recipe hash>
+            volumes: dict[str, str] = {}
+            for field, src, fmt, mode in (
+                ("kernel", built.kernel, "raw", 0o644),  # world-readable, as the demo's (see build_demo)
+                ("initrd", built.initrd, "raw", 0o644),
+                ("disk", built.disk, "qcow2", 0o600),
+            ):
+                info = await self._volumes.register_file(
+                    IMAGES_POOL, f"{build}-{src.name}", src, fmt=fmt, mode=mode, reuse=True
+                )
+                volumes[field] = info.key
+            data = {
+                "kind": "disk",
+                "kernel": str(self._volumes.path(volumes["kernel"])),
+                "initrd": str(self._volumes.path(volumes["initrd"])),
+                "kernel_volume": volumes["kernel"],
+                "initrd_volume": volumes["initrd"],
+                "disk_volume": volumes["disk"],
+                "cmdline": built.cmdline,
+                "kernel_version": built.kernel_version,
+                "recipe": recipe.to_dict(),
+                "recipe_key": built.key,
+                "sha256": built.sha256,
+                "disk_file_bytes": built.disk.stat().st_size,
+            }
+            self._store.put_image(recipe.release, data)
+            return {"name": recipe.release, **data}

@@ -131,13 +131,14 @@ class MigrationService:
     def _shared_disk(self, d: DiskSpec) -> bool:
         return d.volume is not None and self._volumes.shared(d.volume)
 
-    def _incoming_body(self, vm: VmRuntime, **extra: Any) -> IncomingMigration:
+    def _incoming_body(self, vm: VmRuntime, *, sent: dict[str, str] | None = None, **extra: Any) -> IncomingMigration:
         spec = vm.spec
         disks = [
             IncomingDisk(disk=d.name, size_bytes=max(1, self._volumes.info(d.volume or "").capacity_bytes),
                          format="qcow2" if d.format == "qcow2" else "raw",
                          shared=d.volume if self._shared_disk(d) else None,
-                         location=d.path if self._shared_disk(d) else None)
+                         location=d.path if self._shared_disk(d) else None,
+                         sent=(sent or {}).get(d.name))
             for d in spec.disks
             if d.volume
         ]  # fmt: skip
@@ -190,9 +191,7 @@ class MigrationService:
                 body = self._incoming_body(vm, volumes=sent, **extra)
                 await self._remotes.request(req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json"))
             except BaseException:
-                for key in reversed(uploaded):  # overlays before the images below them
-                    with contextlib.suppress(Exception):
-                        await self._remotes.request(req.remote, "DELETE", f"/v1/pools/{key.replace('/', '/volumes/')}")
+                await self._unsend(req.remote, uploaded)
                 raise
             finally:
                 for key in temps:
@@ -201,6 +200,31 @@ class MigrationService:
         progress(1.0, f"defined on {req.remote}")
         return {"vm": name, "remote": req.remote, "total_s": round(time.monotonic() - t0, 3), "downtime_ms": None,
                 "offline": True}  # fmt: skip
+
+    async def _send_readonly(self, vm: VmRuntime, remote: str, progress: Progress) -> dict[str, str]:
+        """A live migration's read-only local disks (no guest writes them: no mirror needed), sent whole before
+        anything else; disk → POOL/NAME there."""
+        disks = [d for d in vm.spec.disks if d.readonly and d.volume and not self._shared_disk(d)]
+        if not disks:
+            return {}
+        client = self._remotes.client(remote, timeout_s=MIGRATION_TIMEOUT_S)
+        sent: dict[str, str] = {}
+        try:
+            for i, d in enumerate(disks):
+                row = self._volumes.row(d.volume or "")
+                target = f"{vm.spec.name}-{d.name}{'.qcow2' if row.format == 'qcow2' else '.raw'}"
+                await self._send(client, remote, self._volumes.path(row.key), target, progress, i, len(disks))
+                sent[d.name] = f"{DEFAULT_POOL}/{target}"
+        except BaseException:
+            await self._unsend(remote, list(sent.values()))
+            raise
+        return sent
+
+    async def _unsend(self, remote: str, keys: list[str]) -> None:
+        """Remove volumes sent to the remote (the last first: overlays before what they stand on)."""
+        for key in reversed(keys):
+            with contextlib.suppress(Exception):
+                await self._remotes.request(remote, "DELETE", f"/v1/pools/{key.replace('/', '/volumes/')}")
 
     async def _send_chains(
         self, client: Any, remote: str, vm: VmRuntime, progress: Progress, uploaded: list[str]
@@ -271,13 +295,21 @@ class MigrationService:
             self.check(name, req)
             if vm.monitor is None or vm.proc is None:
                 raise Conflict(f"VM {name!r} is not running")
-            disks = [d for d in vm.spec.disks if d.volume and not self._shared_disk(d)]  # copied; shared ones stay
-            body = self._incoming_body(vm, host=host, postcopy=req.postcopy)
-            progress(0.0, f"preparing {req.remote}")
+            # Mirrored: writable local disks; shared ones stay; read-only ones (a seed) are sent whole first.
+            disks = [d for d in vm.spec.disks if d.volume and not self._shared_disk(d) and not d.readonly]
             t0 = time.monotonic()
-            ready = IncomingReady.model_validate(
-                await self._remotes.request(req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json"))
-            )
+            sent = await self._send_readonly(vm, req.remote, progress)
+            body = self._incoming_body(vm, host=host, postcopy=req.postcopy, sent=sent)
+            progress(0.0, f"preparing {req.remote}")
+            try:
+                ready = IncomingReady.model_validate(
+                    await self._remotes.request(
+                        req.remote, "POST", "/v1/migrations/incoming", body.model_dump(mode="json")
+                    )
+                )
+            except BaseException:
+                await self._unsend(req.remote, list(sent.values()))
+                raise
             beat = asyncio.create_task(self._beat(req.remote, ready.id))
             was_running = vm.state is VmState.RUNNING
             mon = vm.monitor
@@ -444,13 +476,19 @@ class MigrationService:
                 if d.shared is not None:
                     shared.append(await self._shared_here(old, d.shared, d.location))
                     continue
+                if d.sent is not None:  # a read-only disk, sent whole: it is this VM's from now on
+                    row = self._volumes.row(d.sent)
+                    made.append(row.key)
+                    shared.append(old.model_copy(update={"volume": row.key, "path": self._volumes.location(row.key),
+                                                         "format": row.format, "owned": True}))  # fmt: skip
+                    continue
                 name = self._volumes.free_name(DEFAULT_POOL, f"{spec.name}-{d.disk}", f".{d.format}")
                 info = await self._volumes.create(
                     DEFAULT_POOL, CreateVolume(name=name, size_bytes=d.size_bytes, format=d.format)
                 )
                 made.append(info.key)
-                disks.append(DiskSpec(name=d.disk, path=info.path, format=d.format, volume=info.key,
-                                      iops_total=old.iops_total, bps_total=old.bps_total))  # fmt: skip
+                disks.append(old.model_copy(update={"path": info.path, "format": d.format, "volume": info.key,
+                                                    "owned": True}))  # fmt: skip
             new = spec.model_copy(update={"disks": _in_order(spec, disks + shared), "kernel": kernel,
                                           "initrd": initrd, "bases": [],
                                           "cdroms": [c.model_copy(update={"path": None, "volume": None})
@@ -567,7 +605,7 @@ class MigrationService:
             if row.format not in ("raw", "qcow2") or row.backing:
                 raise InvalidInput(f"{key} is not a standalone disk image")
             disks.append(d.model_copy(update={"volume": row.key, "path": str(self._volumes.path(row.key)),
-                                              "format": row.format, "owned": True, "readonly": False}))  # fmt: skip
+                                              "format": row.format, "owned": True}))  # fmt: skip
         spec = req.spec.model_copy(update={"disks": disks, "kernel": kernel, "initrd": initrd, "bases": [],
                                            "cdroms": [c.model_copy(update={"path": None, "volume": None})
                                                       for c in req.spec.cdroms]})  # fmt: skip

@@ -17,7 +17,7 @@ from vmkit.model.vm import MAX_CDROMS, MAX_DISKS, AttachDisk, CdromSpec, ChangeM
 from vmkit.qemu import hotplug
 from vmkit.qemu.argv import is_network
 from vmkit.qemu.handover import open_disk, open_medium
-from vmkit.services.vms import VmRuntime, VmService, _qmp
+from vmkit.services.vms import VmRuntime, VmService, _qmp, running_machine
 from vmkit.services.volumes import VolumeService
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ class VmDiskService:
                 uid = vm.uid if vm.uid is not None else 0
                 with contextlib.ExitStack() as stack:
                     fds = open_disk(stack, disk, uid, uid, self._volumes.format_of)
-                    await _qmp(hotplug.attach_disk(mon, disk, fds))
-            self._vms.save_spec(vm, vm.spec.model_copy(update={"disks": [*vm.spec.disks, disk]}))
+                    port = await _qmp(hotplug.attach_disk(mon, disk, fds))
+                disk = disk.model_copy(update={"port": port})
+            self._vms.save_spec(vm, running_machine(vm).model_copy(update={"disks": [*vm.spec.disks, disk]}))
         return await self._vms.disks(name)
 
     async def detach(
@@ -90,7 +91,8 @@ class VmDiskService:
 
     def _forget(self, vm: VmRuntime, disk: DiskSpec) -> None:
         vm.pending_detach.discard(disk.name)
-        self._vms.save_spec(vm, vm.spec.model_copy(update={"disks": [d for d in vm.spec.disks if d is not disk]}))
+        spec = running_machine(vm)
+        self._vms.save_spec(vm, spec.model_copy(update={"disks": [d for d in spec.disks if d.name != disk.name]}))
         if disk.owned and not is_network(disk.path):
             with contextlib.suppress(OSError):
                 os.chown(disk.path, 0, 0)  # no VM's identity keeps a right on a volume it no longer has

@@ -12,7 +12,7 @@ from vmkit.model.network import NicRequest
 from vmkit.model.vm import MAX_NICS, NicSpec, VmState
 from vmkit.qemu import hotplug
 from vmkit.services.networks import NetworkService
-from vmkit.services.vms import VmRuntime, VmService, _mac, _qmp
+from vmkit.services.vms import VmRuntime, VmService, _mac, _qmp, running_machine
 
 
 class VmNicService:
@@ -55,8 +55,9 @@ class VmNicService:
                     raise InvalidInput("a user-mode NIC cannot be hot-plugged; add it while the VM is shut off")
                 with contextlib.ExitStack() as stack:  # QEMU holds its own copy of the tap once it has it
                     fd = await asyncio.to_thread(self._vms.open_tap, name, nic, stack)
-                    await _qmp(hotplug.attach_nic(mon, nic, fd))
-            self._vms.save_spec(vm, vm.spec.model_copy(update={"nics": [*vm.spec.nics, nic]}))
+                    port = await _qmp(hotplug.attach_nic(mon, nic, fd))
+                nic = nic.model_copy(update={"port": port})
+            self._vms.save_spec(vm, running_machine(vm).model_copy(update={"nics": [*vm.spec.nics, nic]}))
         if nic.network:
             await self._networks.hosts_changed(nic.network)
         return self.list(name)
@@ -72,7 +73,8 @@ class VmNicService:
             mon = self._live(vm)
             if mon is not None:
                 await _qmp(hotplug.detach_nic(mon, nic.name))
-            self._vms.save_spec(vm, vm.spec.model_copy(update={"nics": [n for n in vm.spec.nics if n is not nic]}))
+            spec = running_machine(vm)
+            self._vms.save_spec(vm, spec.model_copy(update={"nics": [n for n in spec.nics if n.name != nic.name]}))
         if nic.network:
             await self._networks.vm_nic_gone(nic.network, nic.mac)
             await self._networks.hosts_changed(nic.network)

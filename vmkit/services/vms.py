@@ -27,6 +27,7 @@ from typing import Any
 from vmkit.errors import Conflict, InvalidInput, NotFound, Timeout, VmkitError
 from vmkit.host import identity
 from vmkit.host.cgroups import Cgroups, VmCgroup
+from vmkit.model.cloudinit import CloudInitSummary
 from vmkit.model.network import DEFAULT_NETWORK
 from vmkit.model.storage import DEFAULT_POOL, CloneVolume, CreateVolume, provisioning
 from vmkit.model.vm import CdromSpec, CreateVm, DiskSpec, NicSpec, SetVm, VmInfo, VmSpec, VmState
@@ -34,7 +35,7 @@ from vmkit.net import links
 from vmkit.qemu import monitor as qmp
 from vmkit.qemu import process, savevm
 from vmkit.qemu.agent import Agent, ExecResult
-from vmkit.qemu.argv import HostConfig, RuntimePaths, is_network, qemu_argv
+from vmkit.qemu.argv import HostConfig, RuntimePaths, cold, is_network, machine_ports, qemu_argv
 from vmkit.qemu.handover import open_handover
 from vmkit.services import limits
 from vmkit.services.events import EventBus
@@ -73,6 +74,9 @@ START_QMP_TIMEOUT_S = 60.0
 
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# shutdown, mode auto: how long a guest has to react to ACPI before its agent is asked (systemd powers off at
+# once; a guest that ignores its power button never does).
+AGENT_AFTER_S = 10.0
 
 
 class QmpFailed(VmkitError):
@@ -147,7 +151,14 @@ class VmRuntime:
             cgroup=self.cgroup.path if running and self.cgroup else None,
             cpu_time_ns=stats.cpu_time_ns if stats else None,
             memory_bytes=stats.memory_bytes if stats else None,
+            cloud_init=CloudInitSummary.of(s.cloud_init) if s.cloud_init else None,
         )
+
+
+async def _no_seed(spec: VmSpec, req: CreateVm, rev: Reverter) -> VmSpec:
+    if req.cloud_init is not None:
+        raise InvalidInput("cloud-init seeds are not available in this daemon")
+    return spec
 
 
 def _host_memory_mib() -> int:
@@ -207,6 +218,8 @@ class VmService:
         # and the save volumes that go with a VM when it is deleted.
         self.resume_saved: Callable[[VmRuntime], Coroutine[Any, Any, None]] | None = None
         self.saved_images: Callable[[VmRuntime], list[str]] = lambda vm: []
+        # Set by services/cloudinit.py: a new VM's spec with its cloud-init seed, when asked for (undone by rev).
+        self.add_seed: Callable[[VmSpec, CreateVm, Reverter], Awaitable[VmSpec]] = _no_seed
         self._create_lock = asyncio.Lock()
         self._background = TaskSet()
         self._vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -558,6 +571,7 @@ class VmService:
                     cpu_max_percent=req.cpu_max_percent,
                     memory_max_mib=req.memory_max_mib,
                 )
+                spec = await self.add_seed(spec, req, rev)
                 limits.check(spec)
                 vm = self._register(spec, req.autostart)
                 rev.success()
@@ -881,7 +895,8 @@ class VmService:
                 {"name": d.name, "device": "disk", "path": d.path, "volume": d.volume, "format": d.format,
                  "provisioning": provisioning(row.format, row.prealloc) if row else None,
                  "backing": row.backing if row else None, "readonly": d.readonly, "owned": d.owned,
-                 "iops_total": d.iops_total, "bps_total": d.bps_total, "live": live.get(limits.qdev(d.name))}
+                 "iops_total": d.iops_total, "bps_total": d.bps_total, "live": live.get(limits.qdev(d.name)),
+                 "cloud_init": d.cloud_init}
             )  # fmt: skip
         for c in vm.spec.cdroms:
             row = self._volume_row(c.volume)
@@ -934,6 +949,10 @@ class VmService:
         for label, path in (("kernel", vm.spec.kernel), ("initrd", vm.spec.initrd)):
             if path and not os.path.isfile(path):
                 raise Conflict(f"cannot start {vm.spec.name!r}: its {label} {path} is missing")
+        if loadvm is None and incoming_fd is None and incoming is None:
+            fresh = cold(vm.spec)  # a fresh machine: hot-plugged devices on ports of their own again
+            if fresh is not vm.spec:
+                self.save_spec(vm, fresh)
         vm.launching = True
         try:
             await self._launch(vm, loadvm=loadvm, incoming_fd=incoming_fd, incoming=incoming)
@@ -1051,20 +1070,37 @@ class VmService:
             raise Conflict(f"VM {vm.spec.name!r} is {vm.state}, must be {want}")
         return vm.monitor
 
-    async def shutdown(self, name: str, *, timeout_s: float = 60.0, force: bool = False) -> VmInfo:
-        """ACPI power-off; wait up to timeout_s for the guest to turn off, then fail (or hard-stop if force)."""
+    async def shutdown(self, name: str, *, timeout_s: float = 60.0, force: bool = False, mode: str = "auto") -> VmInfo:
+        """Power off through ACPI, the guest agent (mode agent), or ACPI and then the agent when the guest has not
+        reacted within AGENT_AFTER_S (auto: a guest that ignores its power button but runs qemu-ga); wait up to
+        timeout_s for the guest to turn off, then fail (or hard-stop if force)."""
         vm = self._get(name)
         async with vm.lock:
             if not vm.state.active:
                 raise Conflict(f"VM {name!r} is not running")
             asked = vm.state is VmState.RUNNING and vm.monitor is not None
+            if asked and mode == "agent" and not vm.agent:
+                raise Conflict(f"VM {name!r} has no guest agent connected: shut it down through ACPI")
             vm.reboot_pending = False  # an earlier reboot the guest ignored must not turn this into one
-            if asked:
+            if asked and mode != "agent":
                 await _qmp(vm.monitor.system_powerdown())  # type: ignore[union-attr]
-            elif not force:
+            elif not asked and not force:
                 raise Conflict(f"VM {name!r} is {vm.state}; a guest can only power off while running (use --force)")
+
+        def off(s: VmState) -> bool:
+            return not s.active
+
         # Waiting happens outside the lock, so a `stop --force` from elsewhere is not held up by it.
-        if await self._wait_state(vm, lambda s: not s.active, timeout_s if asked else 0):
+        if asked and mode != "acpi":
+            first = 0.0 if mode == "agent" else min(AGENT_AFTER_S, timeout_s / 2)
+            if await self._wait_state(vm, off, first):
+                return vm.info()
+            if vm.agent and vm.state.active:
+                with contextlib.suppress(VmkitError, OSError):
+                    async with self.agent_session(vm) as agent:
+                        await agent.shutdown()
+            timeout_s -= first
+        if await self._wait_state(vm, off, timeout_s if asked else 0):
             return vm.info()
         if not force:
             raise Timeout(f"VM {name!r} did not shut down within {timeout_s:g} s (use --force to stop it hard)")
@@ -1207,6 +1243,14 @@ async def _stream(
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+
+
+def running_machine(vm: VmRuntime) -> VmSpec:
+    """vm's spec with its machine's root ports pinned (spec.ports) while QEMU runs: a hot-plug about to change its
+    devices must not change the ports a migration, a restore or a RAM snapshot's revert rebuilds."""
+    if vm.proc is None or vm.spec.ports is not None:
+        return vm.spec
+    return vm.spec.model_copy(update={"ports": machine_ports(vm.spec)})
 
 
 async def _qmp(coro: Any) -> Any:

@@ -89,14 +89,17 @@ def run_streaming(
     timeout_s: float | None = None,
     check: bool = True,
     env: Mapping[str, str] | None = None,
+    merge_stderr: bool = False,
 ) -> Result:
     """Run argv like run(), calling on_output(piece) for each piece of its stdout as it arrives.
 
     Pieces are split on \r as well as \n (progress meters such as `qemu-img convert -p` redraw one line
     with \r); empty pieces are skipped. stdout is also collected whole into the Result, stderr only there.
     Both pipes are read from one loop with a selector, so a program filling its stderr pipe cannot stall
-    while we wait on stdout. If on_output raises, or timeout_s passes, the program is killed and reaped
-    before the exception propagates: no caller is left with a process running behind its back.
+    while we wait on stdout. merge_stderr sends stderr into the same pipe (for programs such as debootstrap
+    that report progress there); the Result's stderr is then empty. If on_output raises, or timeout_s passes,
+    the program is killed and reaped before the exception propagates: no caller is left with a process
+    running behind its back.
     """
     args = tuple(os.fspath(a) for a in argv)
     full_env = _merged_env(env)
@@ -104,18 +107,24 @@ def run_streaming(
     deadline = None if timeout_s is None else started + timeout_s
     try:
         proc = subprocess.Popen(  # noqa: S603 - argv list, no shell
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            env=full_env,
         )
     except FileNotFoundError as e:
         raise CommandFailed(f"{args[0]}: not installed ({e.strerror})") from e
-    assert proc.stdout is not None and proc.stderr is not None  # both are PIPE
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in (out_fd, err_fd)}
+    assert proc.stdout is not None and (merge_stderr or proc.stderr is not None)
+    out_fd = proc.stdout.fileno()
+    err_fd = -1 if proc.stderr is None else proc.stderr.fileno()
+    fds = [fd for fd in (out_fd, err_fd) if fd >= 0]
+    decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in fds}
     texts: dict[int, list[str]] = {out_fd: [], err_fd: []}
     pending = ""  # stdout text after the last line end, not yet handed to on_output
     sel = selectors.DefaultSelector()
     try:
-        for fd in (out_fd, err_fd):
+        for fd in fds:
             sel.register(fd, selectors.EVENT_READ)
         while sel.get_map():
             wait = None if deadline is None else deadline - time.monotonic()
@@ -150,7 +159,8 @@ def run_streaming(
             proc.kill()
             proc.wait()
         proc.stdout.close()
-        proc.stderr.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
     stdout, stderr = "".join(texts[out_fd]), "".join(texts[err_fd])
     result = Result(args, returncode, stdout, stderr, time.monotonic() - started)
     if check:
