@@ -40,7 +40,7 @@ from importlib import resources
 from pathlib import Path
 
 from vmkit.errors import InvalidInput, NotFound, VmkitError
-from vmkit.images.demo import MTOOLS_ENV, SYSLINUX, SYSLINUX_MBR, MbrPartition, mbr_sector, syslinux_config
+from vmkit.images.demo import SYSLINUX_MBR, MbrPartition, fat_boot_partition, mbr_sector, syslinux_config
 from vmkit.util import proc
 
 # Bump whenever the build changes in a way the recipe and the guest files do not capture.
@@ -549,22 +549,13 @@ def _make_disk(work: Path, root: Path, recipe: Recipe, version: str, key: str) -
         ],
         timeout_s=1200,
     )  # fmt: skip
-    # The boot partition, as the demo's boot disk: mkfs.vfat --offset, mtools, syslinux's mtools installer.
-    proc.run(
-        [
-            "mkfs.vfat", "-F", "16", "-n", BOOT_LABEL, "-i", f"{disk_id:08x}",
-            "--offset", str(BOOT_START_SECTOR), "-h", str(BOOT_START_SECTOR),
-            raw, str(BOOT_SECTORS * SECTOR_SIZE // 1024),
-        ]
-    )  # fmt: skip
+    # The boot partition, as the demo's boot disk.
     staged = work / "bootfs"
     staged.mkdir()
     shutil.copyfile(root / "boot" / f"vmlinuz-{version}", staged / KERNEL)
     shutil.copyfile(root / "boot" / f"initrd.img-{version}", staged / INITRD)
     (staged / "syslinux.cfg").write_text(boot_config())
-    offset = BOOT_START_SECTOR * SECTOR_SIZE
-    proc.run(["mcopy", "-i", f"{raw}@@{offset}", *sorted(staged.iterdir()), "::/"], env=MTOOLS_ENV)
-    proc.run([SYSLINUX, "--install", "--offset", str(offset), raw], env=MTOOLS_ENV)
+    fat_boot_partition(raw, BOOT_START_SECTOR, BOOT_SECTORS, BOOT_LABEL, disk_id, staged)
     return raw
 
 

@@ -813,6 +813,22 @@ def _install_kernel(vmlinuz: Path, out: Path) -> dict[str, str]:
     return {"kernel_format": "bzimage", "pvh_fallback": fallback}
 
 
+def fat_boot_partition(raw: Path, start_sector: int, sectors: int, label: str, disk_id: int, files: Path) -> None:
+    """Format the partition at start_sector of the image file raw as FAT16 (mkfs.vfat --offset), copy the files of
+    directory `files` into it (mtools' "file@@byte-offset" names a filesystem inside an image) and install
+    syslinux there (its mtools installer): no loop device, no mount. -h (hidden sectors) = the partition's
+    offset: syslinux's boot sector uses it to find ldlinux.sys."""
+    proc.run(
+        [
+            "mkfs.vfat", "-F", "16", "-n", label, "-i", f"{disk_id:08x}",
+            "--offset", str(start_sector), "-h", str(start_sector), raw, str(sectors * SECTOR_SIZE // 1024),
+        ]
+    )  # fmt: skip
+    offset = start_sector * SECTOR_SIZE
+    proc.run(["mcopy", "-i", f"{raw}@@{offset}", *sorted(files.iterdir()), "::/"], env=MTOOLS_ENV)
+    proc.run([SYSLINUX, "--install", "--offset", str(offset), raw], env=MTOOLS_ENV)
+
+
 def _build_boot_disk(
     work: Path, vmlinuz: Path, initrd: Path, boot_cfg: str, disk_id: int, out: Path
 ) -> dict[str, object]:
@@ -828,23 +844,12 @@ def _build_boot_disk(
     with raw.open("wb") as f:
         f.truncate(BOOT_DISK_BYTES)  # sparse; qemu-img convert leaves the unwritten zeros out of the qcow2
         f.write(mbr_sector(SYSLINUX_MBR.read_bytes(), [partition], disk_id))
-    # -h (hidden sectors) = the partition's offset: syslinux's boot sector uses it to find ldlinux.sys.
-    proc.run(
-        [
-            "mkfs.vfat", "-F", "16", "-n", FAT_LABEL, "-i", f"{disk_id:08x}",
-            "--offset", str(BOOT_PARTITION_START), "-h", str(BOOT_PARTITION_START),
-            raw, str(part_sectors * SECTOR_SIZE // 1024),
-        ]
-    )  # fmt: skip
     staged = work / "bootfs"
     staged.mkdir()
     shutil.copyfile(vmlinuz, staged / VMLINUZ)
     shutil.copyfile(initrd, staged / INITRD)
     (staged / "syslinux.cfg").write_text(boot_cfg)
-    offset = BOOT_PARTITION_START * SECTOR_SIZE
-    image_at = f"{raw}@@{offset}"  # mtools' "file@@byte-offset" names a filesystem inside an image
-    proc.run(["mcopy", "-i", image_at, *sorted(staged.iterdir()), "::/"], env=MTOOLS_ENV)
-    proc.run([SYSLINUX, "--install", "--offset", str(offset), raw], env=MTOOLS_ENV)
+    fat_boot_partition(raw, BOOT_PARTITION_START, part_sectors, FAT_LABEL, disk_id, staged)
     proc.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, out])
     raw.unlink()
     return {
