@@ -74,8 +74,7 @@ class MigrationService:
         """Refuse up front what cannot work: no such VM or remote, the wrong state for the kind asked."""
         vm = self._vms.runtime(name)
         self._remotes.info(req.remote)
-        owned = [d.volume for d in vm.spec.disks if d.owned and d.volume]
-        owned += [*self._vms.snapshot_images(name), *vm.spec.bases]
+        owned = self._vms.owned_volumes(vm)
         leaning = sorted({k for key in owned for k in self._volumes.dependents(key) if k not in owned})
         if leaning:
             raise Conflict(

@@ -100,6 +100,12 @@ def iscsi_initiator(store: Store) -> str:
     return f"{INITIATOR_PREFIX}:{host_id(store)}"
 
 
+def _capacity(fmt: str, head: bytes, size_bytes: int) -> int:
+    """A volume's virtual size: a qcow2's from its header (its first bytes, head), a raw file's its length."""
+    header = parse_header(head) if fmt == "qcow2" else None
+    return header.virtual_size if header is not None else size_bytes
+
+
 class SharedPools:
     def __init__(self, *, store: Store, host_id: str, initiator: str) -> None:
         self._store = store
@@ -193,11 +199,10 @@ class SharedPools:
                     continue
                 row = rows.get(f.name)
                 head = s.read(f.name, 0, HEADER_BYTES)
-                fmt, qsize, why = _header_format(head)
+                fmt, _, why = _header_format(head)
                 if row is not None:
                     fmt = row.format  # decided once: a raw volume stays raw whatever its first bytes become
-                capacity = qsize if fmt == "qcow2" and qsize is not None else f.size_bytes
-                found[f.name] = (fmt, capacity, f.allocated_bytes, None if row is not None else why)
+                found[f.name] = (fmt, _capacity(fmt, head, f.size_bytes), f.allocated_bytes, None if row else why)
             space = s.space()
         return found, space
 
@@ -218,23 +223,19 @@ class SharedPools:
         share = nfs_share(pool)
         if self._store.volume(pool.name, name) is not None:
             raise Conflict(f"volume {pool.name}/{name} already exists")
-        exists = await asyncio.to_thread(self._exists, share, name)
-        if exists:
+        tmp = self._temp(name)
+        if await asyncio.to_thread(self._clear, share, name, tmp):
             raise Conflict(f"a file named {name!r} already exists in pool {pool.name!r} (`pool refresh` adopts it)")
         self._store.add_volume(VolumeRow(pool.name, name, fmt, prealloc, None, "creating", time.time()))
-        tmp = self._temp(name)
         try:
-            await asyncio.to_thread(self._remove, share, tmp)  # a leftover of an earlier failed try
             yield share.url(tmp)
-            await asyncio.to_thread(self._rename, share, tmp, name)
+            await asyncio.to_thread(self._put_in_place, share, tmp, f"{pool.name}/{name}", fmt)
         except BaseException:
             with contextlib.suppress(VmkitError):
                 await asyncio.to_thread(self._remove, share, tmp)
             self._store.delete_volume(pool.name, name)
             raise
         self._store.update_volume(pool.name, name, state="ready")
-        with contextlib.suppress(VmkitError):
-            await asyncio.to_thread(self._note_size, pool, name)
 
     async def create(self, pool: PoolSpec, name: str, *, fmt: str, size_bytes: int, prealloc: str) -> None:
         async with self._reserve(pool, name, fmt, prealloc) as url:
@@ -272,10 +273,13 @@ class SharedPools:
             return
         self._store.delete_volume(row.pool, row.name)
 
-    # Blocking helpers (run in a thread).
+    # Blocking helpers (run in a thread), each one NFS session (a mount costs a few round trips).
     @staticmethod
-    def _exists(share: nfs.NfsShare, name: str) -> bool:
+    def _clear(share: nfs.NfsShare, name: str, tmp: str) -> bool:
+        """Whether file `name` is on the share, once this host's leftover temporary file of it (an earlier
+        failed try) is gone."""
         with nfs.session(share) as s:
+            s.unlink(tmp)
             return s.stat(name) is not None
 
     @staticmethod
@@ -283,17 +287,13 @@ class SharedPools:
         with nfs.session(share) as s:
             s.unlink(name)
 
-    @staticmethod
-    def _rename(share: nfs.NfsShare, old: str, new: str) -> None:
+    def _put_in_place(self, share: nfs.NfsShare, tmp: str, key: str, fmt: str) -> None:
+        """Rename the finished temporary file to volume `key`'s name, and note its sizes (best effort: the next
+        scan notes them anyway)."""
+        name = key.split("/", 1)[1]
         with nfs.session(share) as s:
-            s.rename(old, new)
-
-    def _note_size(self, pool: PoolSpec, name: str) -> None:
-        with nfs.session(nfs_share(pool)) as s:
-            f = s.stat(name)
-            if f is None:
-                return
-            fmt, qsize, _ = _header_format(s.read(name, 0, HEADER_BYTES))
-            row = self._store.volume(pool.name, name)
-            capacity = qsize if row is not None and row.format == "qcow2" and qsize is not None else f.size_bytes
-            self._sizes[f"{pool.name}/{name}"] = (capacity, f.allocated_bytes)
+            s.rename(tmp, name)
+            with contextlib.suppress(VmkitError):
+                f = s.stat(name)
+                if f is not None:
+                    self._sizes[key] = (_capacity(fmt, s.read(name, 0, HEADER_BYTES), f.size_bytes), f.allocated_bytes)

@@ -808,6 +808,15 @@ class VmService:
     def volume_running_users(self, key: str) -> list[str]:
         return [n for n in self._vm_users(key) if self._vms[n].state.active or self._vms[n].proc is not None]
 
+    def owned_volumes(self, vm: VmRuntime, *, leave_shared: bool = False) -> list[str]:
+        """The volumes that are the VM's own (deleted with it): its disks vmkit made, the images only its snapshots
+        name (services/snapshots.py) and its bases. leave_shared: not those on shared pools."""
+        owned = [
+            d.volume for d in vm.spec.disks
+            if d.owned and d.volume and not (leave_shared and is_network(d.path))
+        ]  # fmt: skip
+        return owned + [k for k in [*self.snapshot_images(vm.spec.name), *vm.spec.bases] if k not in owned]
+
     async def delete(self, name: str, *, keep_disks: bool = False, leave_shared: bool = False) -> None:
         """Forget a VM and delete the volumes it owns (unless keep_disks). leave_shared: its volumes on shared
         pools stay (it runs on another host now, or never came here: a migration's end)."""
@@ -815,12 +824,7 @@ class VmService:
         async with vm.lock:
             if vm.state.active:
                 raise Conflict(f"VM {name!r} is {vm.state}; stop it first")
-            # Its disks and the images only its snapshots name (services/snapshots.py).
-            owned = [
-                d.volume for d in vm.spec.disks
-                if d.owned and d.volume and not (leave_shared and is_network(d.path))
-            ]  # fmt: skip
-            owned += [k for k in [*self.snapshot_images(name), *vm.spec.bases] if k not in owned]
+            owned = self.owned_volumes(vm, leave_shared=leave_shared)
             if not keep_disks:
                 for key in owned:
                     deps = [k for k in self._volumes.dependents(key) if k not in owned]
